@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mmcoconut/torch_extensions
+export MMCOCONUT_EXT_DIR ?= $(HOME)/.cache/mmcoconut/extensions
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mmcoconut-installed
+
+.PHONY: demo test install clean-demo
+
+install: $(STAMP)
+
+# torch first (never let a later step pick a CUDA build on a CPU machine), then the package with DS_BUILD_OPS=0.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -c "import torch, deepspeed, transformers, webdataset; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+	touch $@
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash tools/demo.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-demo:
+	rm -rf runs/demo shards/synthetic models/tiny

@@ -1,0 +1,320 @@
+"""Typed run configuration: YAML file -> dataclasses, `--key=value` / `--section.key=value` overrides.
+
+Unknown keys and wrong types are errors. The seed project's flat config (name, model_id, train_path, ...)
+loads unchanged: its keys are mapped onto the sections below (see SEED_KEYS).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+def _choice(default, *choices):
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    lm_id: str = "gpt2"  # hub id or local dir of a GPT-2 checkpoint
+    vision_id: str = "openai/clip-vit-base-patch32"  # hub id or local dir of a CLIP (vision) checkpoint
+    tokenizer_id: Optional[str] = None  # default: lm_id
+    image_tokens: str = _choice("pooled", "pooled", "patches")  # one pooled token, or patch tokens (CLS dropped)
+    vision_layer: int = -2  # hidden layer used for patch tokens (LLaVA: -2)
+    projector: str = _choice("mlp2x_gelu", "linear", "mlp2x_gelu")
+    freeze_vision: bool = True
+    new_token_init: str = "<<"  # new special-token rows start from this token's embedding (Coconut); "" = mean
+    max_length: int = 512  # after image and latent expansion; longer samples are an error naming the key
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # shard dir, brace pattern (dir/train-{000000..000009}.tar) or '::'-joined list
+    val_shards: str = ""
+    samples_per_epoch: Optional[int] = None  # default: from sizes.json next to the shards
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # sample shards with replacement (no node split needed)
+    num_workers: int = 2
+    overlong: str = _choice("error", "error", "skip")  # what to do with sequences over model.max_length
+
+
+@dataclass
+class CurriculumConfig:
+    coconut: bool = True  # False: plain CoT training (no latents, no markers)
+    no_cot: bool = False  # train on answers only
+    c_thought: int = 2  # latent tokens per replaced reasoning step
+    max_latent_stage: int = 3
+    epochs_per_stage: int = 1
+    pad_latent_to_max: bool = False
+    uniform_prob: float = 0.0  # probability of drawing a random stage for a sample (Coconut)
+    reset_optimizer: bool = True  # reset optimizer state at each stage change (Coconut)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "mmcoconut"  # run name: run dir, checkpoint dir, wandb run
+    seed: int = 42
+    num_epochs: int = 6
+    micro_batch_size: Optional[int] = None  # per-GPU batch; default: the ds_config's train_micro_batch_size_per_gpu
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_schedule: str = _choice("cosine", "constant", "linear", "cosine")
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_steps_per_epoch: Optional[int] = None
+    log_every: int = 10
+    max_nonfinite_steps: int = 5  # this many NaN/inf losses in a row stop the run
+    deepspeed_config: str = ""  # set by --deepspeed; default: ds_configs/ file for the world size
+    precision: Optional[str] = _choice(None, None, "fp32", "fp16", "bf16")  # override the ds_config's
+    initial_scale_power: Optional[int] = None  # fp16 dynamic loss scaling overrides
+    loss_scale_window: Optional[int] = None
+    hysteresis: Optional[int] = None
+    min_loss_scale: Optional[float] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str = "checkpoints"
+    save_every_steps: int = 0  # 0: only at epoch ends
+    keep_last: int = 3
+    resume: Union[int, str] = "auto"  # auto | none | <tag> | <epoch number> (seed: 0 = fresh start)
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "mmcoconut"
+    entity: Optional[str] = None
+    report_to: str = _choice("wandb", "wandb", "none")
+    wandb_mode: Optional[str] = _choice(None, None, "online", "offline", "disabled")  # default: env / key
+    run_dir: Optional[str] = None  # default: <save_dir>/<name>
+
+
+@dataclass
+class EvalConfig:
+    views: list[str] = field(default_factory=lambda: ["nocot", "cot", "coconut", "dummy"])
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    val_samples: Optional[int] = 256  # per-stage validation budget during training (None: all)
+    val_every_epoch: bool = True
+    dummy_latent: str = _choice("zeros", "zeros", "random")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def run_dir(self) -> str:
+        return self.logging.run_dir or str(Path(self.checkpoint.save_dir) / self.train.name)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+# The seed project's flat keys -> our dotted keys.
+SEED_KEYS = {
+    "name": "train.name", "model_id": "model.lm_id", "project": "logging.project", "seed": "train.seed",
+    "train_path": "data.train_shards", "val_path": "data.val_shards", "save_path": "checkpoint.save_dir",
+    "coconut": "curriculum.coconut", "num_epochs": "train.num_epochs",
+    "epochs_per_stage": "curriculum.epochs_per_stage", "c_thought": "curriculum.c_thought",
+    "max_latent_stage": "curriculum.max_latent_stage", "pad_latent_to_max": "curriculum.pad_latent_to_max",
+    "uniform_prob": "curriculum.uniform_prob", "batch_size_training": "train.micro_batch_size",
+    "lr": "train.lr", "resume": "checkpoint.resume",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = {"model": ModelConfig, "data": DataConfig, "curriculum": CurriculumConfig, "train": TrainConfig,
+           "checkpoint": CheckpointConfig, "logging": LoggingConfig, "eval": EvalConfig}[section]
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+FIELDS = {s: _section_fields(s) for s in SECTIONS}
+_FLAT = {}
+for _s, _fs in FIELDS.items():
+    for _k in _fs:
+        _FLAT.setdefault(_k, []).append(f"{_s}.{_k}")
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, fs in FIELDS.items() for k in fs] + list(SEED_KEYS)
+
+
+def resolve_key(key: str, where: str) -> tuple[str, str]:
+    """'lr' / 'train.lr' / seed key -> (section, field). Unknown or ambiguous keys raise ConfigError."""
+    if key in SEED_KEYS:
+        key = SEED_KEYS[key]
+    if "." not in key:
+        matches = _FLAT.get(key, [])
+        if len(matches) > 1:
+            raise ConfigError(f"{where}: key {key!r} is ambiguous, write one of {matches}")
+        if matches:
+            key = matches[0]
+    section, _, name = key.partition(".")
+    if section in FIELDS and name in FIELDS[section]:
+        return section, name
+    hint = difflib.get_close_matches(key, _all_keys(), n=3)
+    raise ConfigError(f"{where}: unknown config key {key!r}" + (f"; did you mean {hint}?" if hint else ""))
+
+
+def _coerce(value: Any, tp, where: str, choices=()) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arm, where, choices)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [v for v in str(value).split(",") if v] if isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]", choices) for i, v in enumerate(value)]
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} "
+                          f"({type(value).__name__})")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    section, name = resolve_key(key, where)
+    f = FIELDS[section][name]
+    value = _coerce(value, f.type, f"{where}: {section}.{name}", f.metadata.get("choices", ()))
+    setattr(getattr(cfg, section), name, value)
+
+
+def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
+    for key, value in data.items():
+        if key in FIELDS and isinstance(value, dict):
+            for sub, v in value.items():
+                _set(cfg, f"{key}.{sub}", v, where)
+        elif key in FIELDS and value is None:
+            continue  # empty section
+        else:
+            _set(cfg, str(key), value, where)
+
+
+def find_config(path_or_name: str) -> Path:
+    """A path, or the name of a config shipped in mmcoconut/configs (with or without .yaml)."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    shipped = resources.files("mmcoconut") / "configs" / f"{stem}.yaml"
+    if p.parent == Path(".") and shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(x.name[:-5] for x in (resources.files("mmcoconut") / "configs").iterdir()
+                   if x.name.endswith(".yaml"))
+    raise ConfigError(f"config {path_or_name!r}: no such file, and not a shipped config ({names})")
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """['--train.lr=1e-4', '--lr', '3e-4', '--coconut=false'] -> [(key, yaml value), ...]."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key=value, got {arg!r}")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"command line: --{key} needs a value (--{key}=VALUE)")
+            raw, i = args[i + 1], i + 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def load_config(path_or_name: Optional[str] = None, overrides: Optional[list[str]] = None,
+                data: Optional[dict] = None) -> Config:
+    """Defaults <- YAML file (or dict) <- command-line overrides. Raises ConfigError on any bad key/value."""
+    cfg = Config()
+    if path_or_name:
+        path = find_config(path_or_name)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level")
+        _apply_mapping(cfg, loaded, str(path))
+    if data:
+        _apply_mapping(cfg, data, "config dict")
+    for key, value in parse_overrides(overrides or []):
+        _set(cfg, key, value, f"--{key}")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved with to_dict() (e.g. from a checkpoint)."""
+    return load_config(data=d)
+
+
+def validate(cfg: Config) -> None:
+    c = cfg.curriculum
+    for name in ("c_thought", "epochs_per_stage"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"curriculum.{name} must be >= 1, got {getattr(c, name)}")
+    if c.max_latent_stage < 0 or not 0.0 <= c.uniform_prob <= 1.0:
+        raise ConfigError("curriculum.max_latent_stage must be >= 0 and uniform_prob in [0, 1]")
+    bad_views = set(cfg.eval.views) - {"nocot", "cot", "coconut", "dummy"}
+    if bad_views:
+        raise ConfigError(f"eval.views: unknown {sorted(bad_views)}; choose from nocot, cot, coconut, dummy")
+    if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size < 1:
+        raise ConfigError("train.micro_batch_size must be >= 1")
+    if cfg.model.max_length < 8:
+        raise ConfigError("model.max_length must be >= 8")
