@@ -1,0 +1,1 @@
+"""Evaluation: official A-OKVQA metrics, answer-to-choice mapping, plots (no heavy imports here)."""
