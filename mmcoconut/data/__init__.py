@@ -1,0 +1,1 @@
+"""Data: synthetic generator, readers, shard writer, curriculum, collators, WebDataset loaders."""
