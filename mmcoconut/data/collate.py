@@ -1,0 +1,67 @@
+"""Batch collation: Coconut's latent alignment for training, left padding for generation."""
+from __future__ import annotations
+
+import torch
+
+from ..tokens import SpecialIds
+from .curriculum import IGNORE
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _stack_pixels(rows: list[dict]) -> torch.Tensor:
+    return torch.stack([r["pixel_values"] for r in rows])
+
+
+class Collator:
+    """Training batches (Coconut's MyCollator): every row's first LATENT lands in the same column.
+
+    rows: dicts with input_ids, labels (lists), n_latents, pixel_values [3,H,W], key.
+    Rows are left-padded by (latest first-latent column - own first-latent column); rows without latents are
+    not left-padded. Then everything is right-padded to the longest row.
+    """
+
+    def __init__(self, ids: SpecialIds, pad_id: int):
+        self.ids, self.pad_id = ids, pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        latent = self.ids.latent
+        first = [r["input_ids"].index(latent) if latent in r["input_ids"] else None for r in rows]
+        target = max((f for f in first if f is not None), default=0)
+        left = [0 if f is None else target - f for f in first]
+        width = max(lp + len(r["input_ids"]) for lp, r in zip(left, rows))
+        B = len(rows)
+        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        for b, (lp, r) in enumerate(zip(left, rows)):
+            n = len(r["input_ids"])
+            input_ids[b, lp:lp + n] = torch.tensor(r["input_ids"])
+            labels[b, lp:lp + n] = torch.tensor(r["labels"])
+            mask[b, lp:lp + n] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                "position_ids": _position_ids(mask), "pixel_values": _stack_pixels(rows),
+                "keys": [r["key"] for r in rows], "n_latents": torch.tensor([r["n_latents"] for r in rows])}
+
+
+class GenerationCollator:
+    """Eval prompts, left-padded so all end at the same column; `meta` = shard json dicts, `valid` flags."""
+
+    def __init__(self, ids: SpecialIds, pad_id: int):
+        self.ids, self.pad_id = ids, pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        B = len(rows)
+        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = len(r["input_ids"])
+            input_ids[b, width - n:] = torch.tensor(r["input_ids"])
+            mask[b, width - n:] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": _position_ids(mask),
+                "pixel_values": _stack_pixels(rows), "keys": [r["key"] for r in rows],
+                "n_latents": torch.tensor([r["n_latents"] for r in rows]),
+                "meta": [r["meta"] for r in rows], "valid": [bool(r.get("valid", True)) for r in rows]}

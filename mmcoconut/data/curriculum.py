@@ -1,0 +1,131 @@
+"""Coconut curriculum: one shard sample -> token ids + labels for a stage (train) or an eval view.
+
+Follows facebookresearch/coconut `dataset.py` (`get_cot_latent_dataset` / `get_question_latent_dataset`)
+token for token, with `[<image>] * n_image_tokens` in front (see docs/CONTRACT.md, "Token sequence").
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+from typing import Optional
+
+from ..config import CurriculumConfig
+from ..tokens import SpecialIds
+
+IGNORE = -100
+VIEWS = ("train", "cot", "nocot", "coconut", "dummy")
+
+
+class SharedStage:
+    """Curriculum stage shared with DataLoader workers (like open_clip's SharedEpoch).
+
+    Backed by a `multiprocessing.Value`, so a worker started before a `set()` still sees the new value.
+    """
+
+    def __init__(self, stage: int = 0):
+        self.value = mp.Value("i", int(stage))
+
+    def set(self, stage: int) -> None:
+        self.value.value = int(stage)
+
+    def get(self) -> int:
+        return self.value.value
+
+
+class OverlongError(ValueError):
+    """A sequence longer than model.max_length (data.overlong: error -> raised, skip -> counted and dropped)."""
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """Per-sample RNG: a function of (seed, epoch, key) only, so resumed / re-sharded runs draw the same."""
+    return random.Random(f"{seed}:{epoch}:{key}")  # str seeds are hashed with sha512: stable across runs
+
+
+def tokenize_sample(sample: dict, tokenizer) -> dict:
+    """Tokenize question / steps / answer once; cached in `sample["_tok"]` (stage only picks pieces)."""
+    tok = sample.get("_tok")
+    if tok is None:
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        tok = sample["_tok"] = {
+            "question": enc(sample["question"] + "\n"),
+            "steps": [enc(s + "\n") for s in sample.get("steps") or []],
+            "answer": enc("### " + str(sample.get("answer", ""))) + [tokenizer.eos_token_id],
+        }
+    return tok
+
+
+def _latent_plan(n_steps: int, stage: int, cur: CurriculumConfig, rng: Optional[random.Random]) -> tuple[int, int]:
+    """(steps skipped, latent tokens) for a coconut training sample at `stage` (upstream semantics)."""
+    if rng is not None and cur.uniform_prob > 0 and rng.random() < cur.uniform_prob:
+        stage = rng.choice(range(n_steps + 1))
+    if stage > cur.max_latent_stage:
+        cap = cur.max_latent_stage if cur.pad_latent_to_max else min(n_steps, cur.max_latent_stage)
+        return n_steps, cap * cur.c_thought
+    return min(stage, n_steps), stage * cur.c_thought
+
+
+def eval_latents(n_steps: int, stage: int, cur: CurriculumConfig) -> int:
+    """Latents in an eval prompt at `stage` (upstream get_question_latent_dataset)."""
+    cap = cur.max_latent_stage if cur.pad_latent_to_max else min(cur.max_latent_stage, n_steps)
+    return min(cap, stage) * cur.c_thought
+
+
+def _check_length(n: int, max_length: int, key: str, what: str) -> None:
+    if n > max_length:
+        raise OverlongError(f"sample {key!r}: {what} has {n} tokens > model.max_length={max_length} "
+                            "(raise model.max_length or set data.overlong=skip)")
+
+
+def build_example(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: int, cur: CurriculumConfig,
+                  n_image_tokens: int, rng: Optional[random.Random], max_length: int, key: str,
+                  n_latents: Optional[int] = None) -> dict:
+    """Full sequence with labels. view: train (curriculum per `cur`) | cot | nocot | coconut | dummy.
+
+    Eval views coconut/dummy skip the first `stage` steps and use `n_latents` latents (default: stage*c_thought
+    as in training). Labels are -100 on image, question, START/LATENT/END. Raises OverlongError.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+    tok = tokenize_sample(sample, tokenizer)
+    steps = tok["steps"]
+    markers = True
+    if view == "train":
+        if cur.no_cot:
+            skip, n_lat, markers = len(steps), 0, False
+        elif not cur.coconut:
+            skip, n_lat, markers = 0, 0, False
+        else:
+            skip, n_lat = _latent_plan(len(steps), stage, cur, rng)
+    elif view == "cot":
+        skip, n_lat, markers = 0, 0, False
+    elif view == "nocot":
+        skip, n_lat, markers = len(steps), 0, False
+    else:  # coconut / dummy: the same sequence, the model decides what fills the latents
+        skip = min(stage, len(steps))
+        n_lat = stage * cur.c_thought if n_latents is None else n_latents
+    prefix = [ids.image] * n_image_tokens + tok["question"]
+    if markers:
+        prefix = prefix + [ids.start] + [ids.latent] * n_lat + [ids.end]
+    target = [t for s in steps[skip:] for t in s] + tok["answer"]
+    input_ids = prefix + target
+    _check_length(len(input_ids), max_length, key, f"{view} sequence (stage {stage}, {n_lat} latents)")
+    return {"input_ids": input_ids, "labels": [IGNORE] * len(prefix) + target, "n_latents": n_lat}
+
+
+def build_prompt(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: int, cur: CurriculumConfig,
+                 n_image_tokens: int, max_length: int, key: str, n_latents: Optional[int] = None) -> dict:
+    """Generation prompt: up to and including END (coconut/dummy), up to the question (cot/nocot).
+
+    coconut/dummy use `n_latents` latents, default `eval_latents(len(steps), stage, cur)` (upstream).
+    Returns dict(input_ids, n_latents). Raises OverlongError.
+    """
+    if view not in ("cot", "nocot", "coconut", "dummy"):
+        raise ValueError(f"unknown generation view {view!r}; choose from cot, nocot, coconut, dummy")
+    tok = tokenize_sample(sample, tokenizer)
+    prompt = [ids.image] * n_image_tokens + tok["question"]
+    n_lat = 0
+    if view in ("coconut", "dummy"):
+        n_lat = eval_latents(len(tok["steps"]), stage, cur) if n_latents is None else n_latents
+        prompt = prompt + [ids.start] + [ids.latent] * n_lat + [ids.end]
+    _check_length(len(prompt), max_length, key, f"{view} prompt ({n_lat} latents)")
+    return {"input_ids": prompt, "n_latents": n_lat}
