@@ -1,0 +1,243 @@
+// Fused embedding injection, CUDA.
+//   out[r] = sources[index[r]] if index[r] >= 0 else weight[ids[r]]      (r = flattened (b, t))
+// Forward: one warp per output row; the row is copied as raw bytes in the widest unit (16/8/4/2/1 bytes)
+// that divides the row size and the base alignments, so odd D (e.g. 13 x fp32) falls back to narrower units.
+// Backward, per destination table (weight: token rows, sources: injected rows):
+//   default       - warp per grad row, atomicAdd into an opmath (fp32/fp64) buffer, cast at the end;
+//   deterministic - stable sort of rows by destination, chunked two-level segmented sum in position order.
+// Out-of-range ids/indices never touch memory: the row is skipped, a device flag is set and the host raises
+// IndexError after the launch (one 4-byte device->host read, which synchronises the stream).
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "inject_common.h"
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = kWarp * kWarpsPerBlock;
+
+int64_t num_blocks(int64_t rows) {
+  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20));  // grid-stride beyond
+}
+
+// ---------------------------------------------------------------- forward
+template <typename Unit>
+__global__ void inject_forward_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ index,
+                                      const Unit* __restrict__ weight, const Unit* __restrict__ sources,
+                                      Unit* __restrict__ out, int64_t rows, int64_t units, int64_t V,
+                                      int64_t N, int* __restrict__ error) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
+       r += stride) {
+    const int64_t s = index[r];
+    const Unit* src = nullptr;
+    if (s >= 0) {
+      if (s < N) src = sources + s * units;
+    } else {
+      const int64_t t = ids[r];  // token id read only at token positions
+      if (t >= 0 && t < V) src = weight + t * units;
+    }
+    if (src == nullptr) {
+      if (lane == 0) *error = 1;
+      continue;
+    }
+    Unit* dst = out + r * units;
+    for (int64_t u = lane; u < units; u += kWarp) dst[u] = src[u];
+  }
+}
+
+template <typename Unit>
+void launch_forward(const at::Tensor& ids, const at::Tensor& index, const at::Tensor& weight,
+                    const at::Tensor& sources, at::Tensor& out, int64_t row_bytes, at::Tensor& error) {
+  const int64_t rows = ids.numel();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  inject_forward_kernel<Unit><<<num_blocks(rows), kThreads, 0, stream>>>(
+      ids.data_ptr<int64_t>(), index.data_ptr<int64_t>(), static_cast<const Unit*>(weight.data_ptr()),
+      static_cast<const Unit*>(sources.data_ptr()), static_cast<Unit*>(out.data_ptr()), rows,
+      row_bytes / static_cast<int64_t>(sizeof(Unit)), weight.size(0), sources.size(0),
+      error.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor inject_forward(const at::Tensor& ids_in, const at::Tensor& weight_in, const at::Tensor& sources_in,
+                          const at::Tensor& index_in) {
+  mmcoconut::check_forward_args(ids_in, weight_in, sources_in, index_in);
+  TORCH_CHECK_VALUE(weight_in.is_cuda() && ids_in.device() == weight_in.device() &&
+                        sources_in.device() == weight_in.device() && index_in.device() == weight_in.device(),
+                    "inject_embeddings: all tensors must be on the same CUDA device");
+  const c10::cuda::CUDAGuard guard(weight_in.device());
+  const auto ids = ids_in.contiguous();
+  const auto index = index_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto sources = sources_in.contiguous();
+  const int64_t B = ids.size(0), T = ids.size(1), D = weight.size(1);
+  auto out = at::empty({B, T, D}, weight.options());
+  if (B * T == 0 || D == 0) return out;
+
+  const int64_t row_bytes = D * static_cast<int64_t>(weight.element_size());
+  const auto aligned = [&](int64_t a) {
+    return row_bytes % a == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % a == 0 &&
+           reinterpret_cast<uintptr_t>(sources.data_ptr()) % a == 0 &&
+           reinterpret_cast<uintptr_t>(out.data_ptr()) % a == 0;
+  };
+  auto error = at::zeros({1}, ids.options().dtype(at::kInt));
+  if (aligned(16)) launch_forward<uint4>(ids, index, weight, sources, out, row_bytes, error);
+  else if (aligned(8)) launch_forward<uint2>(ids, index, weight, sources, out, row_bytes, error);
+  else if (aligned(4)) launch_forward<uint32_t>(ids, index, weight, sources, out, row_bytes, error);
+  else if (aligned(2)) launch_forward<uint16_t>(ids, index, weight, sources, out, row_bytes, error);
+  else launch_forward<uint8_t>(ids, index, weight, sources, out, row_bytes, error);
+  TORCH_CHECK_INDEX(error.item<int>() == 0, "inject_embeddings: out-of-range token id or source_index (V=",
+                    weight.size(0), ", N=", sources.size(0), ")");
+  return out;
+}
+
+// ---------------------------------------------------------------- backward
+// keys[r] = destination row of grad row r in the table being reduced, or -1 (row belongs to the other one).
+template <typename scalar_t, typename acc_t>
+__global__ void scatter_add_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ keys,
+                                   acc_t* __restrict__ buf, int64_t rows, int64_t D, int64_t K) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
+       r += stride) {
+    const int64_t k = keys[r];
+    if (k < 0 || k >= K) continue;
+    const scalar_t* g = grad + r * D;
+    acc_t* dst = buf + k * D;
+    for (int64_t d = lane; d < D; d += kWarp) atomicAdd(dst + d, static_cast<acc_t>(g[d]));
+  }
+}
+
+// Deterministic path, two levels so that a hot key (e.g. padding repeated thousands of times) is not summed
+// by one warp: rows sorted by key (stable) are cut into chunks of at most kChunkRows rows of one key;
+// (1) a warp per chunk sums its rows in position order into partial[chunk] (opmath);
+// (2) a warp per segment (= key) sums its chunks' partials in order and writes out[key].
+constexpr int64_t kChunkRows = 32;
+
+template <typename scalar_t, typename acc_t>
+__global__ void chunk_sum_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted_keys,
+                                 const int64_t* __restrict__ perm, const int64_t* __restrict__ chunk_starts,
+                                 acc_t* __restrict__ partial, int64_t chunks, int64_t rows, int64_t D,
+                                 int64_t K) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; c < chunks;
+       c += stride) {
+    const int64_t begin = chunk_starts[c];
+    if (sorted_keys[begin] >= K) continue;  // rows that belong to the other table (sorted last)
+    const int64_t end = c + 1 < chunks ? chunk_starts[c + 1] : rows;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      acc_t acc = 0;
+      for (int64_t j = begin; j < end; ++j) acc += static_cast<acc_t>(grad[perm[j] * D + d]);
+      partial[c * D + d] = acc;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void segment_reduce_kernel(const acc_t* __restrict__ partial, const int64_t* __restrict__ sorted_keys,
+                                      const int64_t* __restrict__ seg_starts,
+                                      const int64_t* __restrict__ seg_first_chunk, scalar_t* __restrict__ out,
+                                      int64_t segments, int64_t chunks, int64_t D, int64_t K) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; s < segments;
+       s += stride) {
+    const int64_t key = sorted_keys[seg_starts[s]];
+    if (key >= K) continue;
+    const int64_t c0 = seg_first_chunk[s], c1 = s + 1 < segments ? seg_first_chunk[s + 1] : chunks;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      acc_t acc = 0;
+      for (int64_t c = c0; c < c1; ++c) acc += partial[c * D + d];
+      out[key * D + d] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+at::Tensor reduce_rows(const at::Tensor& grad, const at::Tensor& keys, int64_t K, bool deterministic) {
+  const int64_t rows = grad.size(0), D = grad.size(1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto blocks = num_blocks(rows);
+  const auto acc_type = at::toOpMathType(grad.scalar_type());
+  if (deterministic) {
+    auto out = at::zeros({K, D}, grad.options());
+    if (rows == 0 || K == 0 || D == 0) return out;
+    // Segment/chunk bookkeeping with ATen ops (nonzero synchronises; acceptable in deterministic mode).
+    const auto keyed = at::where(keys < 0, at::scalar_tensor(K, keys.options()), keys);
+    const auto sorted = at::sort(keyed, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const auto sorted_keys = std::get<0>(sorted).contiguous();
+    const auto perm = std::get<1>(sorted).contiguous();
+    auto is_start = at::ones({rows}, keys.options().dtype(at::kBool));
+    if (rows > 1) is_start.slice(0, 1).copy_(sorted_keys.slice(0, 1) != sorted_keys.slice(0, 0, rows - 1));
+    const auto seg_starts = at::nonzero(is_start).view({-1});
+    const auto seg_id = at::cumsum(is_start, 0, at::kLong) - 1;
+    const auto pos_in_seg = at::arange(rows, keys.options()) - seg_starts.index_select(0, seg_id);
+    const auto chunk_starts = at::nonzero(at::remainder(pos_in_seg, kChunkRows) == 0).view({-1});
+    const auto seg_first_chunk = at::nonzero(is_start.index_select(0, chunk_starts)).view({-1});
+    const int64_t chunks = chunk_starts.numel(), segments = seg_starts.numel();
+    auto partial = at::empty({chunks, D}, grad.options().dtype(acc_type));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "inject_segment_sum", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      chunk_sum_kernel<scalar_t, acc_t><<<num_blocks(chunks), kThreads, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), sorted_keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+          chunk_starts.data_ptr<int64_t>(), partial.data_ptr<acc_t>(), chunks, rows, D, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      segment_reduce_kernel<scalar_t, acc_t><<<num_blocks(segments), kThreads, 0, stream>>>(
+          partial.data_ptr<acc_t>(), sorted_keys.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
+          seg_first_chunk.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), segments, chunks, D, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
+  auto buf = at::zeros({K, D}, grad.options().dtype(acc_type));
+  if (rows > 0 && K > 0 && D > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "inject_scatter_add", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      scatter_add_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), keys.data_ptr<int64_t>(), buf.data_ptr<acc_t>(), rows, D, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return buf.scalar_type() == grad.scalar_type() ? buf : buf.to(grad.scalar_type());
+}
+
+// Returns [grad_weight [V,D] or None, grad_sources [N,D] or None].
+std::vector<at::Tensor> inject_backward(const at::Tensor& grad_out, const at::Tensor& ids_in,
+                                        const at::Tensor& index_in, int64_t V, int64_t N, bool need_weight,
+                                        bool need_sources, bool deterministic) {
+  mmcoconut::check_backward_args(grad_out, ids_in, index_in);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t rows = ids_in.numel(), D = grad_out.size(2);
+  const auto grad = grad_out.contiguous().view({rows, D});
+  const auto ids = ids_in.reshape({rows});
+  const auto index = index_in.reshape({rows});
+  const auto minus_one = at::scalar_tensor(-1, ids.options());
+  at::Tensor grad_weight, grad_sources;
+  if (need_weight) {
+    const auto keys = at::where(index < 0, ids, minus_one).contiguous();
+    grad_weight = reduce_rows(grad, keys, V, deterministic);
+  }
+  if (need_sources) {
+    const auto keys = at::where(index >= 0, index, minus_one).contiguous();
+    grad_sources = reduce_rows(grad, keys, N, deterministic);
+  }
+  return {grad_weight, grad_sources};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mmcoconut fused embedding injection (CUDA)";
+  m.def("forward", &inject_forward, "inject_embeddings forward (CUDA)");
+  m.def("backward", &inject_backward, "inject_embeddings backward (CUDA)");
+}

@@ -1,0 +1,166 @@
+"""Fused embedding injection (mmcoconut.kernels): CPU extension vs the PyTorch reference."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import mmcoconut.kernels as K
+from mmcoconut.kernels import build, inject_embeddings, inject_embeddings_reference
+from mmcoconut.kernels.testing import assert_matches_reference, make_case, run_op
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CASES = {
+    "odd_D13": dict(B=2, T=9, V=17, D=13, N=6, injected=0.4),
+    "wide_D72": dict(B=3, T=32, V=64, D=72, N=40, injected=0.3),
+    "no_injection": dict(B=2, T=8, V=10, D=16, N=4, injected=0.0),
+    "n_zero": dict(B=2, T=8, V=10, D=16, N=0, injected=0.5),
+    "all_injected": dict(B=2, T=8, V=10, D=16, N=16, injected=1.0),
+    "repeated_ids": dict(B=4, T=64, V=3, D=24, N=8, injected=0.1),
+    "reused_sources": dict(B=2, T=16, V=12, D=8, N=3, injected=0.5, reuse_sources=True),
+    "empty_batch": dict(B=1, T=0, V=5, D=8, N=2, injected=0.5),
+}
+
+
+@pytest.fixture
+def use_ext(monkeypatch):
+    monkeypatch.setenv("MMCOCONUT_INJECT", "ext")
+    monkeypatch.delenv("MMCOCONUT_DETERMINISTIC", raising=False)
+    assert K.backend_for("cpu") == "ext"  # builds (or loads) the CPU extension once
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(CASES))
+def test_ext_matches_reference(use_ext, name, dtype):
+    case = make_case(**CASES[name], dtype=dtype, seed=hash(name) % 1000)
+    assert_matches_reference(inject_embeddings, inject_embeddings_reference, case)
+
+
+def test_non_contiguous_inputs(use_ext):
+    big = make_case(B=3, T=20, V=30, D=40, N=12, injected=0.3, seed=1)
+    ids, index = big.input_ids[:, 5:14], big.source_index[:, 5:14]  # KV-cached column slice
+    weight_base = big.weight.clone().requires_grad_(True)
+    weight = weight_base[:, :24]  # non-contiguous rows
+    sources = big.sources[::2, :24]
+    assert not (ids.is_contiguous() or weight.is_contiguous() or sources.is_contiguous())
+    out = inject_embeddings(ids, weight, sources, index.clamp(max=5))
+    ref = inject_embeddings_reference(ids, weight.detach(), sources, index.clamp(max=5))
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    (gw,) = torch.autograd.grad(out, weight_base, grad)
+    ref_w = weight.detach().clone().requires_grad_(True)
+    (ref_gw,) = torch.autograd.grad(inject_embeddings_reference(ids, ref_w, sources, index.clamp(max=5)),
+                                    ref_w, grad)
+    torch.testing.assert_close(gw[:, :24], ref_gw)
+    assert gw[:, 24:].abs().sum() == 0
+
+
+def test_partial_requires_grad(use_ext):
+    case = make_case(B=2, T=10, V=8, D=6, N=5, injected=0.4, seed=2)
+    weight = case.weight.clone().requires_grad_(True)
+    out = inject_embeddings(case.input_ids, weight, case.sources, case.source_index)
+    out.backward(case.grad_out)
+    ref_w = case.weight.clone().requires_grad_(True)
+    inject_embeddings_reference(case.input_ids, ref_w, case.sources, case.source_index).backward(case.grad_out)
+    torch.testing.assert_close(weight.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("backend", ["ext", "ref"])
+def test_gradcheck_float64(monkeypatch, backend):
+    monkeypatch.setenv("MMCOCONUT_INJECT", backend)
+    case = make_case(B=2, T=6, V=5, D=3, N=4, injected=0.4, dtype=torch.float64, seed=3, reuse_sources=True)
+    weight = case.weight.clone().requires_grad_(True)
+    sources = case.sources.clone().requires_grad_(True)
+    assert K.backend_for("cpu") == backend
+    assert torch.autograd.gradcheck(
+        lambda w, s: inject_embeddings(case.input_ids, w, s, case.source_index), (weight, sources))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_deterministic_bitwise(use_ext, monkeypatch, dtype):
+    monkeypatch.setenv("MMCOCONUT_DETERMINISTIC", "1")
+    case = make_case(B=8, T=64, V=5, D=33, N=64, injected=0.2, dtype=dtype, seed=4, reuse_sources=True)
+    first, second = run_op(inject_embeddings, case), run_op(inject_embeddings, case)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_deterministic_switches(monkeypatch):
+    monkeypatch.delenv("MMCOCONUT_DETERMINISTIC", raising=False)
+    assert not K.deterministic_enabled()
+    monkeypatch.setenv("MMCOCONUT_DETERMINISTIC", "1")
+    assert K.deterministic_enabled()
+    monkeypatch.delenv("MMCOCONUT_DETERMINISTIC")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert K.deterministic_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_dispatch_env(monkeypatch):
+    monkeypatch.setenv("MMCOCONUT_INJECT", "ref")
+    assert K.backend_for("cpu") == "ref"
+    case = make_case(B=2, T=5, V=7, D=4, N=3, injected=0.4, seed=5)
+    assert torch.equal(inject_embeddings(case.input_ids, case.weight, case.sources, case.source_index),
+                       inject_embeddings_reference(case.input_ids, case.weight, case.sources, case.source_index))
+    monkeypatch.setenv("MMCOCONUT_INJECT", "ext")
+    assert K.backend_for("cpu") == "ext"
+    monkeypatch.setenv("MMCOCONUT_INJECT", "auto")
+    assert K.backend_for("cpu") == "ext"
+    assert K.backend_for(torch.device("cpu")) == "ext"
+    monkeypatch.setenv("MMCOCONUT_INJECT", "fast")
+    with pytest.raises(ValueError, match="MMCOCONUT_INJECT"):
+        K.backend_for("cpu")
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setitem(build._CACHE, "cpu", RuntimeError("simulated compiler failure"))
+    monkeypatch.setattr(K, "_warned", set())
+    monkeypatch.setenv("MMCOCONUT_INJECT", "auto")
+    case = make_case(B=2, T=5, V=7, D=4, N=3, injected=0.4, seed=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = inject_embeddings(case.input_ids, case.weight, case.sources, case.source_index)
+    ours = [str(w.message) for w in caught if "mmcoconut.kernels" in str(w.message)]
+    assert len(ours) == 1 and "simulated compiler failure" in ours[0]
+    assert torch.equal(out, inject_embeddings_reference(case.input_ids, case.weight, case.sources,
+                                                        case.source_index))
+    monkeypatch.setenv("MMCOCONUT_INJECT", "ext")
+    with pytest.raises(RuntimeError, match="simulated compiler failure"):
+        inject_embeddings(case.input_ids, case.weight, case.sources, case.source_index)
+
+
+@pytest.mark.parametrize("backend", ["ext", "ref"])
+def test_clear_errors(monkeypatch, backend):
+    monkeypatch.setenv("MMCOCONUT_INJECT", backend)
+    c = make_case(B=2, T=6, V=5, D=4, N=3, injected=0.4, seed=7)
+    op = inject_embeddings
+    with pytest.raises(ValueError, match="int64"):
+        op(c.input_ids.int(), c.weight, c.sources, c.source_index)
+    with pytest.raises(ValueError, match="same D"):
+        op(c.input_ids, c.weight, c.sources[:, :3], c.source_index)
+    with pytest.raises(ValueError, match="dtype"):
+        op(c.input_ids, c.weight, c.sources.half(), c.source_index)
+    with pytest.raises(ValueError, match="equal shape"):
+        op(c.input_ids, c.weight, c.sources, c.source_index[:, :3])
+    bad_id = c.input_ids.clone()
+    bad_id[c.source_index < 0] = 5  # == V at a token position
+    with pytest.raises(IndexError):
+        op(bad_id, c.weight, c.sources, c.source_index)
+    bad_id[c.source_index < 0] = -1
+    with pytest.raises(IndexError):
+        op(bad_id, c.weight, c.sources, c.source_index)
+    bad_index = c.source_index.clone()
+    bad_index[0, 0] = 3  # == N
+    with pytest.raises(IndexError):
+        op(c.input_ids, c.weight, c.sources, bad_index)
+
+
+def test_import_compiles_nothing():
+    code = "import mmcoconut.kernels as K, mmcoconut.kernels.build as b; assert b._CACHE == {}; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
