@@ -56,3 +56,56 @@ def eval_cfg_factory(tiny_dirs, eval_shards):
                 "eval": {"batch_size": 4, "max_new_tokens": 5}, "logging": {"report_to": "none"}}
         return load_config(data=data, overrides=[f"--{k}={v}" for k, v in (over or {}).items()])
     return make
+
+
+# ---------------------------------------------------------------- model (test_model.py, test_generate.py, test_model_dist.py)
+WTE_SCALE, LM_SCALE = 2.0, 6.0  # tiny-model weight scaling for the model tests (see build_tiny_mmcoconut)
+
+
+def build_tiny_mmcoconut(dirs, image_tokens="pooled", seed=0, **over):
+    """(model, tokenizer) for the tiny dirs; deterministic (seeded projector), eval mode, fp32."""
+    import torch
+    from mmcoconut.config import ModelConfig
+    from mmcoconut.model import build_model, build_tokenizer
+    mcfg = ModelConfig(lm_id=dirs["lm"], vision_id=dirs["vision"], image_tokens=image_tokens, vision_layer=-1,
+                       **over)
+    tok = build_tokenizer(mcfg)
+    torch.manual_seed(seed)
+    model = build_model(mcfg, tok).eval()
+    with torch.no_grad():  # larger weights than GPT-2's 0.02 init: visible logits, non-degenerate greedy output
+        for name, p in model.lm.named_parameters():
+            if p.dim() == 2:
+                p.mul_(WTE_SCALE if "wte" in name or "wpe" in name else LM_SCALE)
+    return model, tok
+
+
+def make_mm_batch(model, tok, latents, q_extra=None, seed=0, labels=True):
+    """Collator batch: rows with `latents[i]` latents and questions of different lengths (-> left padding)."""
+    import torch
+    from mmcoconut.data.collate import Collator
+    ids = model.ids
+    g = torch.Generator().manual_seed(seed)
+    q = tok.encode("What color is the cube? The choices are 0: red, 1: blue\n")
+    rows = []
+    for i, nl in enumerate(latents):
+        extra = q_extra[i] if q_extra is not None else (3 * i) % 7
+        seq = [ids.image] * model.n_image_tokens + q[: 6 + extra]
+        seq += [ids.start] + [ids.latent] * nl + [ids.end]
+        ans = tok.encode("The ball is red.\n"[: 4 + 3 * i] + "### 1") + [ids.eos]
+        seq = seq + ans
+        lab = [-100] * (len(seq) - len(ans)) + ans if labels else [-100] * len(seq)
+        rows.append({"input_ids": seq, "labels": lab, "n_latents": nl, "key": str(i),
+                     "pixel_values": torch.randn(3, 32, 32, generator=g)})
+    return Collator(ids, ids.pad)(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_mm(tiny_dirs):
+    """mode -> (model, tokenizer), built once per session (tests must not modify the weights)."""
+    cache = {}
+
+    def get(mode="pooled"):
+        if mode not in cache:
+            cache[mode] = build_tiny_mmcoconut(tiny_dirs, mode)
+        return cache[mode]
+    return get

@@ -1,0 +1,61 @@
+"""Build the tokenizer, the image processor and MMCoconut (GPT-2 + CLIP vision + projector) from ModelConfig."""
+from __future__ import annotations
+
+import torch
+
+from ..tokens import SpecialIds, add_special_tokens
+from .latent import MMCoconut
+from .projector import build_projector
+from .vision import build_vision, num_image_tokens
+
+
+def build_tokenizer(mcfg):
+    """AutoTokenizer of tokenizer_id (default lm_id) with mmcoconut's special tokens (and a pad token)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(mcfg.tokenizer_id or mcfg.lm_id)
+    add_special_tokens(tok)
+    return tok
+
+
+def build_image_processor(mcfg):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor.from_pretrained(mcfg.vision_id)
+
+
+def _init_new_rows(lm, tokenizer, old_rows: int, init_token: str) -> None:
+    """Rows >= old_rows start from `init_token`'s embedding (Coconut: "<<"), else the mean of the old rows.
+    With tied lm_head this also sets the output rows. ZeRO-3: gathered, modified on rank 0, re-partitioned."""
+    import contextlib
+
+    w = lm.get_input_embeddings().weight
+    ctx = contextlib.nullcontext()
+    if hasattr(w, "ds_id"):
+        import deepspeed
+        ctx = deepspeed.zero.GatheredParameters([w], modifier_rank=0)
+    ids = tokenizer.encode(init_token, add_special_tokens=False) if init_token else []
+    with ctx, torch.no_grad():
+        if len(ids) == 1 and ids[0] < old_rows:
+            src = w[ids[0]].clone()
+        else:
+            src = w[:old_rows].mean(0)
+        w[old_rows:] = src
+
+
+def build_model(mcfg, tokenizer) -> MMCoconut:
+    """GPT2LMHeadModel(lm_id) resized to len(tokenizer) + CLIPVisionModel(vision_id) + projector."""
+    from transformers import GPT2LMHeadModel
+
+    ids = SpecialIds.from_tokenizer(tokenizer)
+    lm = GPT2LMHeadModel.from_pretrained(mcfg.lm_id, dtype=torch.float32)
+    old_rows = lm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old_rows:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _init_new_rows(lm, tokenizer, old_rows, mcfg.new_token_init)
+    lm.config.pad_token_id = ids.pad
+    vision = build_vision(mcfg)
+    n_img = num_image_tokens(vision.config, mcfg.image_tokens)
+    projector = build_projector(mcfg.projector, vision.config.hidden_size, lm.config.n_embd)
+    return MMCoconut(lm, vision, projector, ids, n_img, image_tokens=mcfg.image_tokens,
+                     vision_layer=mcfg.vision_layer, freeze_vision=mcfg.freeze_vision)

@@ -1,0 +1,122 @@
+"""Batched greedy generation with latent thoughts: KV-cached (`generate`) and a full-recompute reference.
+
+Prompts come from GenerationCollator: left-padded so every prompt ends at the same column. The view is in the
+prompt itself: coconut (image, question, START, n LATENT, END), dummy (same, with `dummy_latent`), cot / nocot
+(no latent markers; the model writes the steps and/or "### answer"). The prompt is encoded with the same
+multi-pass machinery as training (MMCoconut._multipass), then tokens are decoded one at a time from the cache.
+Per-row stopping: a row that emitted EOS keeps feeding the pad token with attention mask 0 (it influences nothing)
+until all rows are done or max_new_tokens is reached. Under ZeRO-3 with several ranks the "stop" decision is
+all-reduced so ranks make the same number of LM calls (the prompt's pass count is synchronised by _multipass).
+Generation also stops before positions would exceed the LM's n_positions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _check_prompt(attention_mask: torch.Tensor) -> None:
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generation prompts must be left-padded so that every row ends at the last column "
+                         "(use mmcoconut.data.collate.GenerationCollator)")
+
+
+def _zero3_sync(model) -> bool:
+    """ZeRO-3 with several ranks: every rank must make the same LM calls (weights are gathered collectively)."""
+    d = torch.distributed
+    return (hasattr(model.lm.transformer.wte.weight, "ds_id") and d.is_available() and d.is_initialized()
+            and d.get_world_size() > 1)
+
+
+def _all_stop(stop: bool, sync: bool, device) -> bool:
+    """True when this rank (and, under ZeRO-3, every rank) is done."""
+    if not sync:
+        return stop
+    d = torch.distributed
+    dev = device if d.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([0 if stop else 1], device=dev)
+    d.all_reduce(t, op=d.ReduceOp.MAX)
+    return int(t.item()) == 0
+
+
+def _budget(model, position_ids: torch.Tensor, max_new_tokens: int) -> int:
+    """max_new_tokens capped so that no position exceeds the LM's n_positions - 1."""
+    limit = getattr(model.lm.config, "n_positions", None)
+    if limit is None:
+        return max_new_tokens
+    return max(0, min(max_new_tokens, limit - 1 - int(position_ids[:, -1].max())))
+
+
+def _finish(tokens: list[torch.Tensor], eos: int) -> list[list[int]]:
+    if not tokens:
+        return []
+    out = []
+    for row in torch.stack(tokens, 1).tolist():
+        out.append(row[:row.index(eos)] if eos in row else row)
+    return out
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None,
+             position_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 64,
+             dummy_latent: Optional[str] = None) -> list[list[int]]:
+    """Greedy KV-cached generation -> new token ids per row (EOS and everything after it excluded)."""
+    _check_prompt(attention_mask)
+    B = input_ids.shape[0]
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    steps = _budget(model, position_ids, max_new_tokens)
+    sync = _zero3_sync(model)
+    if B == 0 or (steps == 0 and not sync):
+        return [[] for _ in range(B)]
+    st = model._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent)
+    eos, pad = model.ids.eos, model.ids.pad
+    top = (getattr(model.lm.config, "n_positions", None) or 2**62) - 1
+    logits = model.lm.lm_head(st.hidden[:, -1])
+    mask, pos = st.mask, st.position_ids[:, -1:]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens, step, nxt = [], 0, torch.full((B,), eos, dtype=torch.long, device=input_ids.device)
+    while True:
+        if step < steps:  # (under ZeRO-3 a rank past its own budget keeps stepping, recording nothing)
+            nxt = logits.argmax(-1).masked_fill(done, eos)  # finished rows record EOS (dropped in _finish)
+            tokens.append(nxt)
+            done = done | (nxt == eos)
+        if _all_stop(step + 1 >= steps or bool(done.all()), sync, input_ids.device):
+            break
+        feed = nxt.masked_fill(done, pad)[:, None]
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        pos = (pos + 1).clamp_max(top)
+        h = model._run_lm(model._embed(feed, None, None), mask, pos, st.cache)
+        logits = model.lm.lm_head(h[:, -1])
+        step += 1
+    return _finish(tokens, eos)
+
+
+@torch.no_grad()
+def generate_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None,
+                       position_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 64,
+                       dummy_latent: Optional[str] = None) -> list[list[int]]:
+    """Uncached reference: every new token recomputes the whole sequence (latents included) with naive_forward.
+    Same inputs, stopping and padding rules as `generate`; only for tests (quadratic cost)."""
+    _check_prompt(attention_mask)
+    B = input_ids.shape[0]
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    steps = _budget(model, position_ids, max_new_tokens)
+    eos, pad = model.ids.eos, model.ids.pad
+    ids, mask, pos = input_ids, attention_mask, position_ids
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(steps):
+        logits = model.naive_forward(ids, mask, pixel_values=pixel_values, position_ids=pos,
+                                     dummy_latent=dummy_latent, special_prefix=input_ids.shape[1]).logits[:, -1]
+        nxt = logits.argmax(-1).masked_fill(done, eos)
+        tokens.append(nxt)
+        done = done | (nxt == eos)
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, nxt.masked_fill(done, pad)[:, None]], 1)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+    return _finish(tokens, eos)

@@ -1,0 +1,154 @@
+"""MMCoconut: KV-cached multi-pass forward == naive recompute == an independent per-row computation; grads."""
+import pytest
+import torch
+
+from conftest import WTE_SCALE, build_tiny_mmcoconut, make_mm_batch
+
+MODES = ["pooled", "patches"]
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_equals_naive(tiny_mm, mode):
+    model, tok = tiny_mm(mode)
+    b = make_mm_batch(model, tok, [0, 2, 3, 1])
+    assert (b["attention_mask"][:, 0] == 0).any() and (b["attention_mask"][:, -1] == 0).any()  # left + right pad
+    with torch.no_grad():
+        out, ref = model(**b), model.naive_forward(**b)
+        dz, dz_ref = model(**b, dummy_latent="zeros"), model.naive_forward(**b, dummy_latent="zeros")
+    assert out.n_passes == ref.n_passes == 4
+    assert rel_err(out.logits, ref.logits) <= 1e-5 and abs(out.loss - ref.loss) <= 1e-5 * abs(ref.loss)
+    assert rel_err(dz.logits, dz_ref.logits) <= 1e-5
+    # the latents matter: zero latent inputs change the answer logits
+    assert rel_err(dz.logits, out.logits) > 1e-3
+
+
+def per_row_reference(model, b, r):
+    """Row r alone, unpadded, plain HF calls: latent j's input = last hidden state of the column before it."""
+    keep = b["attention_mask"][r].bool()
+    ids = b["input_ids"][r][keep]
+    lm, wte = model.lm, model.lm.transformer.wte.weight
+    emb = wte[ids].clone()
+    img = (ids == model.ids.image).nonzero().flatten()
+    emb[img] = model.image_features(b["pixel_values"][r:r + 1])[0]
+    for c in (ids == model.ids.latent).nonzero().flatten().tolist():
+        h = lm.transformer(inputs_embeds=emb[None, :c]).last_hidden_state
+        emb = torch.cat([emb[:c], h[0, -1:], emb[c + 1:]])
+    return lm(inputs_embeds=emb[None]).logits[0], keep
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_independent_per_row(tiny_mm, mode):
+    model, tok = tiny_mm(mode)
+    b = make_mm_batch(model, tok, [3, 0, 2], seed=1)
+    with torch.no_grad():
+        out = model(**b)
+        for r in range(3):
+            ref, keep = per_row_reference(model, b, r)
+            assert rel_err(out.logits[r][keep], ref) <= 1e-5, r
+
+
+def test_zero_latents_equals_plain_lm(tiny_mm):
+    model, tok = tiny_mm("patches")
+    b = make_mm_batch(model, tok, [0, 0, 0])
+    with torch.no_grad():
+        out = model(**b)
+        emb = model.lm.transformer.wte.weight[b["input_ids"]].clone()
+        is_img = b["input_ids"] == model.ids.image
+        emb[is_img] = model.image_features(b["pixel_values"]).flatten(0, 1)
+        plain = model.lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                         labels=b["labels"])
+    assert out.n_passes == 1
+    assert abs(out.loss - plain.loss) <= 1e-5 * abs(plain.loss)
+    assert rel_err(out.logits, plain.logits) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_match_naive(tiny_dirs, mode):
+    model, tok = build_tiny_mmcoconut(tiny_dirs, mode, seed=3)
+    model.train()
+    model.lm.eval()  # no dropout: both forwards must see the same network
+    b = make_mm_batch(model, tok, [2, 0, 3], seed=2)
+    params = {"wte": model.lm.transformer.wte.weight, "c_attn": model.lm.transformer.h[0].attn.c_attn.weight,
+              "mlp": model.lm.transformer.h[-1].mlp.c_proj.weight, "proj": model.projector[0].weight}
+    grads = []
+    for fwd in (model.forward, model.naive_forward):
+        model.zero_grad(set_to_none=True)
+        fwd(**b).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in params.items()})
+    for k in params:
+        assert grads[0][k].abs().max() > 0, k
+        assert rel_err(grads[0][k], grads[1][k]) <= 1e-5, k
+    # the latent chain carries gradient: detaching the fills changes the grads
+    orig = model._fill
+    model._fill = lambda h, d: orig(h, d).detach()
+    try:
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        assert rel_err(params["c_attn"].grad, grads[0]["c_attn"]) > 1e-4
+    finally:
+        del model._fill
+    assert all(not p.requires_grad for p in model.vision.parameters()) and not model.vision.training
+
+
+def test_more_passes_than_local_latents(tiny_mm, monkeypatch):
+    """As on a rank whose batch has fewer latents than another rank's: extra passes, same result."""
+    import mmcoconut.model.latent as latent
+    model, tok = tiny_mm("pooled")
+    for counts in ([0, 2, 1], [0, 0, 0]):
+        b = make_mm_batch(model, tok, counts)
+        with torch.no_grad():
+            ref = model(**b)
+            monkeypatch.setattr(latent, "_dist_max", lambda v, device: b["input_ids"].shape[1] + 2)
+            out = model(**b)
+            monkeypatch.undo()
+        assert out.n_passes == b["input_ids"].shape[1] + 3  # forces right padding too
+        assert rel_err(out.logits, ref.logits) <= 1e-5 and abs(out.loss - ref.loss) <= 1e-5 * ref.loss
+
+
+def test_batch_errors(tiny_mm):
+    model, tok = tiny_mm("patches")
+    b = make_mm_batch(model, tok, [2, 1])
+    bad = dict(b, input_ids=b["input_ids"].clone())
+    bad["input_ids"][0, (bad["input_ids"][0] == model.ids.image).nonzero()[0, 0]] = model.ids.pad
+    with pytest.raises(ValueError, match="<image> tokens"):
+        model(**bad)
+    bad = dict(b, input_ids=b["input_ids"].clone())
+    row = bad["input_ids"][1]
+    c = (row == model.ids.latent).nonzero()[0, 0]
+    row[c], row[c + 1] = row[c + 1].clone(), row[c].clone()  # latent after END: misaligned
+    with pytest.raises(ValueError, match="not aligned"):
+        model(**bad)
+    with pytest.raises(ValueError, match="dummy_latent"):
+        model(**b, dummy_latent="ones")
+
+
+def test_build_options(tiny_dirs, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from mmcoconut.model import num_image_tokens
+    model, tok = build_tiny_mmcoconut(tiny_dirs, "patches", projector="linear", freeze_vision=False)
+    assert isinstance(model.projector, torch.nn.Linear)
+    assert model.n_image_tokens == num_image_tokens(model.vision.config, "patches") == 4
+    model.train()
+    assert model.vision.training and all(p.requires_grad for p in model.vision.parameters())
+    model, _ = build_tiny_mmcoconut(tiny_dirs, "pooled")
+    model.train()
+    assert model.n_image_tokens == 1 and not model.vision.training and model.lm.training
+    # resizing: a checkpoint without the special-token rows gets them from new_token_init (or the mean)
+    lm = GPT2LMHeadModel.from_pretrained(tiny_dirs["lm"])
+    old = len(tok) - 5
+    lm.resize_token_embeddings(old)
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    w0 = lm.transformer.wte.weight.detach()
+    init = next(t for t in ("red", " red", "The") if len(tok.encode(t)) == 1)
+    for token, expect in ((init, w0[tok.encode(init)[0]]), ("", w0.mean(0))):
+        dirs = dict(tiny_dirs, lm=str(tmp_path / "lm"))
+        m, t2 = build_tiny_mmcoconut(dirs, "pooled", new_token_init=token)
+        w = m.lm.transformer.wte.weight.detach() / WTE_SCALE  # undo build_tiny_mmcoconut's scaling
+        assert w.shape[0] == len(t2) and torch.allclose(w[old:], expect.expand(5, -1), atol=1e-6)
+        assert m.lm.lm_head.weight.data_ptr() == m.lm.transformer.wte.weight.data_ptr()
