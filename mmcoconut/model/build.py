@@ -49,7 +49,8 @@ def build_model(mcfg, tokenizer) -> MMCoconut:
 
     ids = SpecialIds.from_tokenizer(tokenizer)
     lm = GPT2LMHeadModel.from_pretrained(mcfg.lm_id, dtype=torch.float32)
-    old_rows = lm.get_input_embeddings().weight.shape[0]
+    wte = lm.get_input_embeddings().weight
+    old_rows = getattr(wte, "ds_shape", wte.shape)[0]  # ZeRO-3 partitions: .shape is [0]
     if len(tokenizer) > old_rows:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         _init_new_rows(lm, tokenizer, old_rows, mcfg.new_token_init)

@@ -1,0 +1,197 @@
+"""DeepSpeed config resolution/validation and engine construction.
+
+resolve_ds_config() runs before any process group exists, so a config that does not fit the world size fails
+on every rank with the same one-line error instead of hanging in a collective.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from mmcoconut.config import ConfigError
+
+FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1}
+FP16_KNOBS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+
+
+def ds_configs_dir() -> Path:
+    """ds_configs/ of the source checkout (next to the package), else ./ds_configs."""
+    here = Path(__file__).resolve().parents[2] / "ds_configs"
+    return here if here.is_dir() else Path("ds_configs")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fitting_files(world: int, like: Optional[Path]) -> list[str]:
+    """ds_configs/ files whose batch arithmetic fits `world`; the same family as `like` first."""
+    fits = []
+    for p in sorted(ds_configs_dir().glob("*.json")):
+        try:
+            c = json.loads(p.read_text())
+            if c["train_batch_size"] == (c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"]
+                                         * world):
+                fits.append(p)
+        except (ValueError, KeyError, TypeError):
+            continue
+    family = like.stem.rsplit("_", 1)[0] if like is not None else "zero2"
+    fits.sort(key=lambda p: p.stem.rsplit("_", 1)[0] != family)
+    return [str(p) for p in fits]
+
+
+def _zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = None) -> dict:
+    """Load the ds_config file and apply the run config's overrides onto it. Raises ConfigError."""
+    world = world or world_size()
+    t = cfg.train
+    path = path or t.deepspeed_config or str(ds_configs_dir() / f"zero2_{world}gpu.json")
+    p = Path(path)
+    if not p.is_file():
+        hint = _fitting_files(world, None)
+        raise ConfigError(f"ds_config {path}: no such file" + (f"; for {world} process(es) use {hint[0]}"
+                                                               if hint else ""))
+    try:
+        ds = json.loads(p.read_text())
+    except ValueError as e:
+        raise ConfigError(f"ds_config {path}: invalid JSON: {e}") from None
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if not isinstance(ds.get(key), int):
+            raise ConfigError(f"ds_config {path}: {key} must be a concrete integer (no \"auto\"), "
+                              f"got {ds.get(key)!r}")
+    glob_bs, micro, acc = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], \
+        ds["gradient_accumulation_steps"]
+    if glob_bs != micro * acc * world:
+        fits = _fitting_files(world, p)
+        raise ConfigError(
+            f"ds_config {path} does not fit {world} process(es): train_batch_size {glob_bs} != micro "
+            f"{micro} x accumulation {acc} x world {world}; "
+            + (f"use {fits[0]} (same global batch for this world size)" if fits else
+               f"write one with gradient_accumulation_steps = {glob_bs} / ({micro} x {world})"))
+    ds = copy.deepcopy(ds)
+
+    # batch: a micro-batch override keeps the global batch and re-derives accumulation
+    if t.micro_batch_size is not None and t.micro_batch_size != micro:
+        micro = t.micro_batch_size
+        if glob_bs % (micro * world):
+            raise ConfigError(f"train.micro_batch_size={micro}: global batch {glob_bs} (from {path}) is not "
+                              f"divisible by micro {micro} x world {world}")
+        ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, glob_bs // (micro * world)
+
+    # optimizer hyper-parameters and clipping from the run config
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = ds["optimizer"].setdefault("params", {})
+    params["lr"], params["weight_decay"] = t.lr, t.weight_decay
+    ds["gradient_clipping"] = t.grad_clip
+
+    # precision switch and fp16 loss-scaling knobs
+    if t.precision is not None:
+        fp16 = {**FP16_DEFAULTS, **ds.get("fp16", {})}
+        fp16["enabled"] = t.precision == "fp16"
+        ds["fp16"] = fp16
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
+    for knob in FP16_KNOBS:
+        if getattr(t, knob) is not None:
+            ds.setdefault("fp16", dict(FP16_DEFAULTS, enabled=False))[knob] = getattr(t, knob)
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"ds_config {path}: fp16 and bf16 are both enabled; pick one (train.precision=...)")
+    ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
+    _check_device_support(ds, path)
+    return ds
+
+
+def _check_device_support(ds: dict, path: str) -> None:
+    """Say clearly what this machine cannot run instead of failing deep inside DeepSpeed."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    zero = ds.get("zero_optimization", {})
+    if acc.device_name() == "cpu":
+        for part in ("offload_optimizer", "offload_param"):
+            if zero.get(part, {}).get("device") == "nvme":
+                raise ConfigError(f"ds_config {path}: zero_optimization.{part}.device=nvme needs a GPU "
+                                  "(async I/O); on CPU drop the offload block")
+    if ds.get("fp16", {}).get("enabled") and not acc.is_fp16_supported():
+        if acc.device_name() == "cpu" and os.environ.get("MMCOCONUT_CPU_FP16") == "1":
+            # torch runs fp16 on any CPU (slowly, without oneDNN fp16); DeepSpeed only asks oneDNN. Opt-in, used
+            # by the tests of dynamic loss scaling, which is device-independent logic.
+            type(acc).is_fp16_supported = lambda self: True
+        else:
+            raise ConfigError(f"ds_config {path}: fp16 is not supported on this {acc.device_name()} (DeepSpeed "
+                              "needs oneDNN fp16, e.g. AVX512-FP16/AMX); use --train.precision=bf16 or fp32"
+                              + (", or set MMCOCONUT_CPU_FP16=1 to run torch's slow CPU fp16 path anyway"
+                                 if acc.device_name() == "cpu" else ""))
+    if ds.get("bf16", {}).get("enabled") and not acc.is_bf16_supported():
+        raise ConfigError(f"ds_config {path}: bf16 is not supported on accelerator {acc.device_name()!r}; "
+                          "use --train.precision=fp32 or fp16")
+
+
+def precision_of(ds: dict) -> str:
+    return "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+
+
+def hf_zero3_context(ds: dict):
+    """ZeRO-3 + Hugging Face: HfDeepSpeedConfig must exist (and stay referenced) before the model is built,
+    so from_pretrained partitions weights at load time and keeps HF's init (see stack.md). None otherwise."""
+    if _zero_stage(ds) != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds)
+
+
+def initialize(model, ds: dict, lr_scheduler_factory):
+    """deepspeed.initialize with only trainable parameters in the optimizer (frozen CLIP stays out)."""
+    import deepspeed
+    import torch
+
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision_of(ds))
+    if _zero_stage(ds) == 3 and half is not None:
+        # ZeRO-3 casts only what HfDeepSpeedConfig/zero.Init built (from_pretrained parts); modules created
+        # outside it (projector) stay fp32 and break its single-dtype partitions: cast them here.
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(half)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
+                                           lr_scheduler=lr_scheduler_factory)
+    return engine
+
+
+def loss_scale(engine) -> Optional[float]:
+    """Current fp16 loss scale (ZeRO-1/2/3: optimizer.loss_scale, ZeRO-0: cur_scale); None without fp16."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    v = getattr(opt, "loss_scale", None)
+    v = getattr(opt, "cur_scale", None) if v is None else v
+    return float(v) if v is not None else None
+
+
+def reset_optimizer_state(engine) -> None:
+    """Coconut's reset_optimizer at a stage change, without rebuilding the engine.
+
+    The inner torch optimizer (`engine.optimizer.optimizer` under ZeRO-1/2/3 and FP16_Optimizer; the optimizer
+    itself under ZeRO-0 fp32) holds Adam moments for the fp32 master partitions. Zeroing exp_avg/exp_avg_sq and
+    the step counters in place equals a freshly built AdamW (bias correction restarts) and keeps buffer identity,
+    which ZeRO-3 / offload rely on. Weights, fp16 loss scale and the lr schedule are kept.
+    """
+    import torch
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                v.zero_()
+            elif k == "step":
+                state[k] = 0
+    for group in inner.param_groups:
+        if "step" in group:
+            group["step"] = 0

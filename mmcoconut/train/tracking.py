@@ -1,0 +1,90 @@
+"""Run tracking on rank 0: <run_dir>/metrics.jsonl (schema in docs/CONTRACT.md), config.yaml, optional wandb.
+
+wandb never prompts or blocks: the mode is WANDB_MODE (env wins) > logging.wandb_mode > "online" when an API key
+is configured (WANDB_API_KEY or a netrc entry for api.wandb.ai) > "offline".
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(cfg) -> str:
+    return os.environ.get("WANDB_MODE") or cfg.logging.wandb_mode or ("online" if _has_wandb_key() else "offline")
+
+
+def _clean(v):
+    """JSON-safe scalars: non-finite floats become null (metrics.jsonl stays valid JSON)."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class Tracker:
+    """Writes records on rank 0; a no-op elsewhere. `log(kind, **fields)` adds "kind" and "time"."""
+
+    def __init__(self, cfg, rank: int):
+        self.enabled = rank == 0
+        self.run = None
+        if not self.enabled:
+            return
+        self.dir = Path(cfg.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(cfg.to_yaml())
+        self.file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.logging.report_to == "wandb":
+            self.run = self._init_wandb(cfg)
+
+    def _init_wandb(self, cfg):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        mode = wandb_mode(cfg)
+        if mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(project=os.environ.get("WANDB_PROJECT") or cfg.logging.project,
+                          entity=os.environ.get("WANDB_ENTITY") or cfg.logging.entity,
+                          name=cfg.train.name, config=cfg.to_dict(), dir=str(self.dir), mode=mode,
+                          resume="allow", settings=wandb.Settings(silent=True, console="off",
+                                                                  init_timeout=60))
+
+    def log(self, kind: str, **fields) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, **{k: _clean(v) for k, v in fields.items()}, "time": round(time.time(), 3)}
+        self.file.write(json.dumps(rec) + "\n")
+        if self.run is not None:
+            step = fields.get("step")
+            data = {f"{kind}/{k}": v for k, v in rec.items()
+                    if k not in ("kind", "time", "step") and isinstance(v, (int, float)) and v is not None}
+            self.run.log(data, step=step if isinstance(step, int) else None)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(run_dir: str, kind: Optional[str] = None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in recs if kind is None or r["kind"] == kind]

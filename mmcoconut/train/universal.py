@@ -1,0 +1,54 @@
+"""Convert a run's checkpoint to a DeepSpeed universal checkpoint, so it resumes on another number of ranks.
+
+    python -m mmcoconut.train.universal RUN_DIR [--tag TAG]
+
+Writes RUN_DIR/<TAG>_universal (DeepSpeed's ds_to_universal; ZeRO-1/2 with --inject_missing_state). Then run
+training again with the same run dir and a ds_config for the new world size (same global batch, e.g.
+ds_configs/zero2_1gpu.json): `resume: auto` sees the world-size change and loads the universal copy
+(`"checkpoint": {"load_universal": true}`). ZeRO-3 <-> ZeRO-1/2 is not convertible and is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .checkpoint import UNIVERSAL_SUFFIX, list_tags, read_meta
+
+
+def convert(run_dir: str, tag: str | None = None) -> Path:
+    run = Path(run_dir)
+    tags = list_tags(run)
+    if not tags:
+        raise SystemExit(f"{run}: no complete checkpoint (expected {run}/checkpoints.json and <tag>/mmcoconut.json)")
+    tag = tag or tags[-1]
+    if tag not in tags:
+        raise SystemExit(f"{run}: no complete checkpoint {tag!r} (have: {tags})")
+    meta = read_meta(run, tag)
+    out = run / (tag + UNIVERSAL_SUFFIX)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(run / tag),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    if meta["zero_stage"] in (1, 2):
+        cmd.append("--inject_missing_state")
+    if meta["zero_stage"] == 0:
+        raise SystemExit("ZeRO-0 checkpoints hold the full optimizer state on every rank: resume them directly")
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    print(f"universal checkpoint: {out}\nresume on any number of ranks with the same run dir "
+          f"({run}) and a ZeRO-{meta['zero_stage']} ds_config for that world size; "
+          f"checkpoint.resume=auto picks it up (or --checkpoint.resume=universal:{tag}).")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    args = ap.parse_args(argv)
+    convert(args.run_dir, args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""ds_configs/*.json: concrete batch arithmetic for their world size, one global batch, precision blocks; and
+the run-config overrides / world-size validation applied onto them (no processes started)."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mmcoconut.config import ConfigError, load_config
+from mmcoconut.train.engine import FP16_DEFAULTS, resolve_ds_config
+
+DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+FILES = sorted(DIR.glob("*.json"))
+FAMILIES = ("zero1", "zero2", "zero3", "zero3_offload", "zero2_bf16")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_fp16(monkeypatch):
+    monkeypatch.setenv("MMCOCONUT_CPU_FP16", "1")  # this CPU may lack oneDNN fp16 (DeepSpeed refuses it)
+
+
+def _load(p):
+    return json.loads(p.read_text())
+
+
+def test_all_families_and_sizes_present():
+    names = {p.name for p in FILES}
+    for fam in FAMILIES:
+        for n in (1, 2, 4, 8):
+            assert f"{fam}_{n}gpu.json" in names
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_file_is_concrete_and_fits_its_world_size(path):
+    c = _load(path)
+    fam, n = re.fullmatch(r"(.+)_(\d+)gpu", path.stem).groups()
+    assert fam in FAMILIES
+    for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        assert isinstance(c[k], int), k
+    assert c["train_batch_size"] == 32  # the same global batch everywhere
+    assert c["train_batch_size"] == c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * int(n)
+    assert "auto" not in path.read_text()
+    assert c["optimizer"]["type"] == "AdamW" and c["gradient_clipping"] > 0
+    z = c["zero_optimization"]
+    assert z["stage"] == {"zero1": 1, "zero2": 2, "zero2_bf16": 2}.get(fam, 3)
+    if fam == "zero2_bf16":
+        assert c["bf16"]["enabled"] and not c.get("fp16", {}).get("enabled")
+    else:
+        assert c["fp16"] == FP16_DEFAULTS
+    if z["stage"] == 3:
+        assert z["stage3_gather_16bit_weights_on_model_save"] is True
+    if fam == "zero3_offload":
+        assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+
+
+def _cfg(*over):
+    return load_config(None, list(over))
+
+
+def test_overrides_applied():
+    ds = resolve_ds_config(_cfg("--train.lr=3e-4", "--train.weight_decay=0.1", "--train.grad_clip=0.5",
+                                "--train.hysteresis=1", "--train.initial_scale_power=8"),
+                           str(DIR / "zero2_2gpu.json"), world=2)
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.1
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["fp16"]["hysteresis"] == 1 and ds["fp16"]["initial_scale_power"] == 8
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precision_switch(precision):
+    ds = resolve_ds_config(_cfg(f"--train.precision={precision}"), str(DIR / "zero2_bf16_2gpu.json"), world=2)
+    assert ds["fp16"]["enabled"] == (precision == "fp16")
+    assert ds["bf16"]["enabled"] == (precision == "bf16")
+
+
+def test_micro_batch_rederives_accumulation():
+    ds = resolve_ds_config(_cfg("--train.micro_batch_size=2"), str(DIR / "zero2_2gpu.json"), world=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 8)
+    assert ds["train_batch_size"] == 32
+    with pytest.raises(ConfigError, match="not divisible"):
+        resolve_ds_config(_cfg("--train.micro_batch_size=3"), str(DIR / "zero2_2gpu.json"), world=2)
+
+
+def test_world_size_mismatch_names_the_fitting_file():
+    with pytest.raises(ConfigError) as e:
+        resolve_ds_config(_cfg(), str(DIR / "zero3_2gpu.json"), world=4)
+    msg = str(e.value)
+    assert "zero3_2gpu.json does not fit 4 process(es)" in msg and "zero3_4gpu.json" in msg
+    assert "\n" not in msg
+
+
+def test_default_file_and_missing_file():
+    ds = resolve_ds_config(_cfg(), None, world=1)
+    assert ds["gradient_accumulation_steps"] == 8
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_ds_config(_cfg(), "ds_configs/nope.json", world=1)

@@ -1,0 +1,120 @@
+"""Training glue without processes: LR schedule, argument spellings, resume planning, tracking, optimizer reset."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmcoconut.config import ConfigError, load_config
+from mmcoconut.train.__main__ import parse_args
+from mmcoconut.train.checkpoint import INDEX, META, plan_resume
+from mmcoconut.train.schedule import lr_factor
+from mmcoconut.train.tracking import Tracker, read_metrics, wandb_mode
+
+
+def test_lr_schedule_shapes():
+    kw = dict(total_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(60, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_factor(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(60, schedule="linear", **kw) == pytest.approx(0.55)
+    assert lr_factor(100, schedule="constant", **kw) == 1.0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--local_rank=1", "demo", "--lr=1e-3", "--deepspeed", "ds_configs/zero2_2gpu.json"],
+    ["demo", "--deepspeed", "--deepspeed_config", "ds_configs/zero2_2gpu.json", "--local_rank", "1", "--lr=1e-3"],
+    ["demo", "--deepspeed_config=ds_configs/zero2_2gpu.json", "--lr", "1e-3"],
+])
+def test_argument_spellings(argv):
+    config, ds, rest = parse_args(argv)
+    assert config == "demo" and ds == "ds_configs/zero2_2gpu.json" and rest[0].startswith("--lr")
+
+
+def test_bad_override_is_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mmcoconut.train", "demo", "--train.lrr=1"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "did you mean" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _fake_run(tmp_path, tags):
+    run = tmp_path / "run"
+    for tag, world, zero in tags:
+        (run / tag).mkdir(parents=True)
+        (run / tag / META).write_text(json.dumps({"tag": tag, "world_size": world, "zero_stage": zero,
+                                                  "step": 1, "epoch": 0, "micro_batch_size": 4}))
+    (run / INDEX).write_text(json.dumps([t for t, _, _ in tags]))
+    return run
+
+
+def test_plan_resume(tmp_path):
+    cfg = load_config(None, [f"--logging.run_dir={tmp_path / 'run'}"])
+    assert plan_resume(cfg, 2, 2) is None  # auto, nothing there: fresh start
+    _fake_run(tmp_path, [("step00000002", 2, 2), ("epoch001", 2, 2)])
+    assert plan_resume(cfg, 2, 2).tag == "epoch001"
+    cfg.checkpoint.resume = 1
+    assert plan_resume(cfg, 2, 2).tag == "epoch001"
+    cfg.checkpoint.resume = 0
+    assert plan_resume(cfg, 2, 2) is None
+    cfg.checkpoint.resume = "step00000002"
+    assert not plan_resume(cfg, 2, 1).universal  # ZeRO-1 <-> 2 share the format
+    with pytest.raises(ConfigError, match="ZeRO-3 and ZeRO-1/2"):
+        plan_resume(cfg, 2, 3)
+    with pytest.raises(ConfigError, match="python -m mmcoconut.train.universal"):
+        plan_resume(cfg, 1, 2)  # world size changed, not converted yet
+    (tmp_path / "run" / "step00000002_universal" / "zero").mkdir(parents=True)
+    assert plan_resume(cfg, 1, 2).universal
+    cfg.checkpoint.resume = 7
+    with pytest.raises(ConfigError, match="epoch007"):
+        plan_resume(cfg, 2, 2)
+
+
+def test_wandb_mode_precedence(monkeypatch, tmp_path):
+    cfg = load_config(None, [])
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(cfg) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(cfg) == "online"
+    cfg.logging.wandb_mode = "disabled"
+    assert wandb_mode(cfg) == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode(cfg) == "offline"
+
+
+def test_tracker_metrics_and_wandb_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(None, [f"--logging.run_dir={tmp_path / 'run'}", "--logging.report_to=wandb"])
+    tr = Tracker(cfg, rank=0)
+    tr.log("train", step=1, epoch=0, stage=0, loss=float("nan"), lr=1e-3)
+    tr.close()
+    assert read_metrics(tmp_path / "run", "train")[0]["loss"] is None  # NaN -> null, still valid JSON
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert not Tracker(cfg, rank=1).enabled
+
+
+def test_reset_optimizer_state_matches_fresh_adamw():
+    from types import SimpleNamespace
+
+    from mmcoconut.train.engine import reset_optimizer_state
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.randn(4)
+        opt.step()
+    reset_optimizer_state(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt)))
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = torch.optim.AdamW([q], lr=0.1)
+    g = torch.randn(4)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    fresh.step()
+    assert torch.allclose(p, q)
