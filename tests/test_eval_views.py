@@ -140,7 +140,7 @@ def test_two_rank_eval_gathers_every_question_once(tiny, eval_shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), "-m", "mmcoconut.eval", str(export), eval_shards, "--views", "nocot,dummy",
            "--out", str(out), "--eval.batch_size=3", "--eval.max_new_tokens=3"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = shard_records(eval_shards)
     for view in ("nocot", "dummy"):

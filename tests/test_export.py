@@ -70,7 +70,7 @@ def zero2_ckpt(eval_cfg_factory, eval_shards, tmp_path_factory):
                PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, str(d / "ds_script.py"), str(d / "cfg.json"), eval_shards,
                         str(d / "ckpt"), str(d / "ref.pt")], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=240)
+                       timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return d / "ckpt", torch.load(d / "ref.pt"), cfg
 
