@@ -203,3 +203,9 @@ def test_fast_clip_preprocess_matches_processor(tiny_processor):
             ref = proc(images=img, return_tensors="pt")["pixel_values"][0]
             assert torch.allclose(fast(img), ref, atol=1e-5)
     assert FastClipPreprocess.build(CLIPImageProcessor(do_center_crop=False)) is None
+
+
+def test_raw_json_shard_spec_says_how_to_shard():
+    # the seed config's train_path points at a raw json list: the error names the make_shards command
+    with pytest.raises(FileNotFoundError, match=r"make_shards.py --json data/aokvqa_train.json"):
+        expand_shards("data/aokvqa_train.json")

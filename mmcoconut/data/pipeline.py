@@ -29,6 +29,12 @@ def expand_shards(spec: str) -> list[str]:
         raise FileNotFoundError("no shards given (data.train_shards / data.val_shards is empty)")
     urls: list[str] = []
     for part in spec.split("::"):
+        if part.endswith(".json"):  # e.g. the seed config's train_path: raw data, not shards
+            stem = os.path.splitext(os.path.basename(part))[0]
+            raise FileNotFoundError(f"shard spec {spec!r}: {part} is a json file, not WebDataset shards; shard it "
+                                    f"first: python tools/make_shards.py --json {part} --out shards/{stem} "
+                                    f"(or --aokvqa-dir/--coco-dir for official A-OKVQA), then point "
+                                    f"data.train_shards/val_shards at shards/{stem}")
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
         elif os.path.isfile(part):
