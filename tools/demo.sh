@@ -29,8 +29,8 @@ else
 fi
 
 step 3 "train through the curriculum: 2 CPU processes, DeepSpeed ZeRO-2, fp32 (config mmcoconut/configs/demo.yaml)"
-# fp32: DeepSpeed's CPU fp16 needs AVX512-FP16/AMX, which most CPUs lack (the ds_config's fp16 is overridden)
-CONFIG=demo NGPU=0 ./launch.sh --train.precision=fp32
+# fp32 (train.precision in demo.yaml): DeepSpeed's CPU fp16 needs AVX512-FP16/AMX, which most CPUs lack
+CONFIG=demo NGPU=0 ./launch.sh
 
 step 4 "evaluate the last checkpoint in four views on the val shards (2 processes, gloo)"
 rm -f "$EVAL"/predictions_*.json
