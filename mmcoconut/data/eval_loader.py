@@ -112,8 +112,7 @@ class EvalLoader:
 
     @property
     def skipped(self) -> int:
-        c = self.skips.as_dict()
-        return c["corrupt"] + c["overlong"]
+        return self.skips.total
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_batches == 0:

@@ -138,8 +138,7 @@ class StreamingLoader:
 
     @property
     def skipped(self) -> int:
-        c = self.skips.as_dict()
-        return c["corrupt"] + c["overlong"]
+        return self.skips.total
 
     def set_epoch(self, epoch: int) -> None:
         """A new epoch restarts the count; the current one (e.g. after load_state_dict) is kept."""

@@ -101,6 +101,10 @@ class SkipCounter:
     def as_dict(self) -> dict:
         return {"corrupt": self.corrupt.value, "overlong": self.overlong.value}
 
+    @property
+    def total(self) -> int:
+        return self.corrupt.value + self.overlong.value
+
 
 # ---------------------------------------------------------------- sample -> row
 def _field(proc, attr: str, key: str):
