@@ -9,19 +9,8 @@ import torch
 
 import mmcoconut.kernels as K
 from mmcoconut.kernels import build, inject_embeddings, inject_embeddings_reference
-from mmcoconut.kernels.testing import assert_matches_reference, make_case, run_op
+from mmcoconut.kernels.testing import CASES, DTYPES, assert_matches_reference, make_case, run_op
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CASES = {
-    "odd_D13": dict(B=2, T=9, V=17, D=13, N=6, injected=0.4),
-    "wide_D72": dict(B=3, T=32, V=64, D=72, N=40, injected=0.3),
-    "no_injection": dict(B=2, T=8, V=10, D=16, N=4, injected=0.0),
-    "n_zero": dict(B=2, T=8, V=10, D=16, N=0, injected=0.5),
-    "all_injected": dict(B=2, T=8, V=10, D=16, N=16, injected=1.0),
-    "repeated_ids": dict(B=4, T=64, V=3, D=24, N=8, injected=0.1),
-    "reused_sources": dict(B=2, T=16, V=12, D=8, N=3, injected=0.5, reuse_sources=True),
-    "empty_batch": dict(B=1, T=0, V=5, D=8, N=2, injected=0.5),
-}
 
 
 @pytest.fixture

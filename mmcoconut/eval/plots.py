@@ -83,6 +83,13 @@ def _stage_lines(ax, bounds):
                     va="top", ha="right", fontsize=7, color="gray")
 
 
+def _save(plt, fig, ax, path) -> None:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _plot_loss(plt, recs, path):
     pts = [(_num(r.get("step")), _num(r.get("loss"))) for r in _kind(recs, "train")]
     pts = sorted((s, v) for s, v in pts if s is not None and v is not None)
@@ -92,11 +99,7 @@ def _plot_loss(plt, recs, path):
     ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label="train loss")
     _stage_lines(ax, stage_boundaries(recs))
     ax.set(xlabel="step", ylabel="loss", title="Training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return None
+    return _save(plt, fig, ax, path)
 
 
 def _plot_loss_scale(plt, recs, path):
@@ -121,11 +124,7 @@ def _plot_loss_scale(plt, recs, path):
     ax.set_yscale("log")
     _stage_lines(ax, stage_boundaries(recs))
     ax.set(xlabel="step", ylabel="loss scale", title="Loss scale")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return None
+    return _save(plt, fig, ax, path)
 
 
 def _plot_val(plt, recs, path):
@@ -146,11 +145,7 @@ def _plot_val(plt, recs, path):
         ax.plot(stages, [last[view][s][1] for s in stages], marker="o", label=view)
     ax.set(xlabel="stage", ylabel="MC accuracy (%)", title="Validation MC accuracy per stage")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return None
+    return _save(plt, fig, ax, path)
 
 
 def _plot_eval(plt, recs, path):
@@ -174,11 +169,7 @@ def _plot_eval(plt, recs, path):
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(names)), names)
     ax.set(ylabel="accuracy (%)", title="Evaluation by view")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return None
+    return _save(plt, fig, ax, path)
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[str]:

@@ -6,6 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Shapes every backend must get right (CPU and CUDA tests add their own on top).
+CASES = {
+    "odd_D13": dict(B=2, T=9, V=17, D=13, N=6, injected=0.4),
+    "wide_D72": dict(B=3, T=32, V=64, D=72, N=40, injected=0.3),
+    "no_injection": dict(B=2, T=8, V=10, D=16, N=4, injected=0.0),
+    "n_zero": dict(B=2, T=8, V=10, D=16, N=0, injected=0.5),
+    "all_injected": dict(B=2, T=8, V=10, D=16, N=16, injected=1.0),
+    "repeated_ids": dict(B=4, T=64, V=3, D=24, N=8, injected=0.1),
+    "reused_sources": dict(B=2, T=16, V=12, D=8, N=3, injected=0.5, reuse_sources=True),
+    "empty_batch": dict(B=1, T=0, V=5, D=8, N=2, injected=0.5),
+}
+
 TOLERANCES = {  # (rtol, atol) of a backward sum against the fp32-accumulated reference cast to dtype
     torch.float64: (1e-12, 1e-12),
     torch.float32: (1e-5, 1e-6),
