@@ -55,7 +55,10 @@ def test_stage_beyond_max(parts, tiny_tokenizer):
 def test_cot_nocot_and_eval_views(parts, tiny_tokenizer):
     assert tuple(build(parts, tiny_tokenizer, 2, coconut=False).values())[:2] == expect(parts, 0, 0, markers=False)
     assert tuple(build(parts, tiny_tokenizer, 2, no_cot=True).values())[:2] == expect(parts, 0, 3, markers=False)
-    assert tuple(build(parts, tiny_tokenizer, 1, view="cot").values())[:2] == expect(parts, 0, 0, markers=False)
+    # cot view of a coconut-trained model = its stage-0 sequence (START END, no latents); plain CoT: no markers
+    assert tuple(build(parts, tiny_tokenizer, 1, view="cot").values())[:2] == expect(parts, 0, 0)
+    assert tuple(build(parts, tiny_tokenizer, 1, view="cot", coconut=False).values())[:2] == \
+        expect(parts, 0, 0, markers=False)
     assert tuple(build(parts, tiny_tokenizer, 1, view="nocot").values())[:2] == expect(parts, 0, 3, markers=False)
     for view in ("coconut", "dummy"):
         assert tuple(build(parts, tiny_tokenizer, 1, view=view).values())[:2] == expect(parts, 2, 1)
@@ -82,8 +85,11 @@ def test_prompts(parts, tiny_tokenizer):
     assert p["input_ids"] == head + [ids.start] + [ids.latent] * 4 + [ids.end] and p["n_latents"] == 4
     p = build_prompt(dict(parts["sample"]), tiny_tokenizer, ids, view="dummy", stage=1, n_latents=6, **kw)
     assert p["input_ids"] == head + [ids.start] + [ids.latent] * 6 + [ids.end]
-    for view in ("cot", "nocot"):
-        assert build_prompt(dict(parts["sample"]), tiny_tokenizer, ids, view=view, stage=2, **kw)["input_ids"] == head
+    assert build_prompt(dict(parts["sample"]), tiny_tokenizer, ids, view="nocot", stage=2, **kw)["input_ids"] == head
+    p = build_prompt(dict(parts["sample"]), tiny_tokenizer, ids, view="cot", stage=2, **kw)
+    assert p["input_ids"] == head + [ids.start, ids.end] and p["n_latents"] == 0
+    kw["cur"] = CurriculumConfig(coconut=False)
+    assert build_prompt(dict(parts["sample"]), tiny_tokenizer, ids, view="cot", stage=2, **kw)["input_ids"] == head
 
 
 def test_overlong_names_key(parts, tiny_tokenizer):

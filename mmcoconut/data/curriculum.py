@@ -64,6 +64,12 @@ def _latent_plan(n_steps: int, stage: int, cur: CurriculumConfig, rng: Optional[
     return min(stage, n_steps), stage * cur.c_thought
 
 
+def cot_markers(cur: CurriculumConfig) -> bool:
+    """Whether the cot view writes START END (zero latents) after the question: yes for a model trained with
+    `coconut: true`, whose stage-0 sequences all carry the markers (upstream), no for a plain CoT model."""
+    return bool(cur.coconut and not cur.no_cot)
+
+
 def eval_latents(n_steps: int, stage: int, cur: CurriculumConfig) -> int:
     """Latents in an eval prompt at `stage` (upstream get_question_latent_dataset)."""
     cap = cur.max_latent_stage if cur.pad_latent_to_max else min(cur.max_latent_stage, n_steps)
@@ -97,7 +103,7 @@ def build_example(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage:
         else:
             skip, n_lat = _latent_plan(len(steps), stage, cur, rng)
     elif view == "cot":
-        skip, n_lat, markers = 0, 0, False
+        skip, n_lat, markers = 0, 0, cot_markers(cur)
     elif view == "nocot":
         skip, n_lat, markers = len(steps), 0, False
     else:  # coconut / dummy: the same sequence, the model decides what fills the latents
@@ -114,7 +120,8 @@ def build_example(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage:
 
 def build_prompt(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: int, cur: CurriculumConfig,
                  n_image_tokens: int, max_length: int, key: str, n_latents: Optional[int] = None) -> dict:
-    """Generation prompt: up to and including END (coconut/dummy), up to the question (cot/nocot).
+    """Generation prompt: up to and including END (coconut/dummy; cot too when `cot_markers`), else up to the
+    question.
 
     coconut/dummy use `n_latents` latents, default `eval_latents(len(steps), stage, cur)` (upstream).
     Returns dict(input_ids, n_latents). Raises OverlongError.
@@ -127,5 +134,7 @@ def build_prompt(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: 
     if view in ("coconut", "dummy"):
         n_lat = eval_latents(len(tok["steps"]), stage, cur) if n_latents is None else n_latents
         prompt = prompt + [ids.start] + [ids.latent] * n_lat + [ids.end]
+    elif view == "cot" and cot_markers(cur):
+        prompt = prompt + [ids.start, ids.end]
     _check_length(len(prompt), max_length, key, f"{view} prompt ({n_lat} latents)")
     return {"input_ids": prompt, "n_latents": n_lat}
