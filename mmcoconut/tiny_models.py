@@ -5,6 +5,7 @@ take with `gpt2` and `openai/clip-vit-base-patch32`: `from_pretrained(<dir>)`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Optional
@@ -41,7 +42,8 @@ def make_tiny_models(out_dir: str | Path, preset: str = "test", texts: Optional[
                      seed: int = 0, force: bool = False) -> dict[str, str]:
     """Write `<out>/lm` (GPT-2 + tokenizer) and `<out>/vision` (CLIP vision + image processor).
 
-    Skips the work when `<out>/tiny.json` records the same preset and seed. Returns {"lm": dir, "vision": dir}.
+    Skips the work when `<out>/tiny.json` records the same preset, seed and tokenizer training text.
+    Returns {"lm": dir, "vision": dir}.
     """
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
@@ -52,14 +54,16 @@ def make_tiny_models(out_dir: str | Path, preset: str = "test", texts: Optional[
     p = PRESETS[preset]
     out = Path(out_dir)
     dirs = {"lm": str(out / "lm"), "vision": str(out / "vision")}
-    stamp = {"preset": preset, "seed": seed, **p}
+    if texts is None:
+        from .data.synthetic import synthetic_texts
+        texts = synthetic_texts(2000, seed)
+    texts = list(texts)
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]  # the tokenizer's training text
+    stamp = {"preset": preset, "seed": seed, "texts_sha256": digest, **p}
     marker = out / "tiny.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return dirs
 
-    if texts is None:
-        from .data.synthetic import synthetic_texts
-        texts = synthetic_texts(2000, seed)
     torch.manual_seed(seed)
     tok = train_tokenizer(texts, p["vocab_size"])
     lm_cfg = GPT2Config(vocab_size=len(tok), n_embd=p["n_embd"], n_layer=p["n_layer"], n_head=p["n_head"],
