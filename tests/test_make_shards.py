@@ -166,30 +166,30 @@ def test_json_seed_format(tmp_path):
     assert "steps" in errors[0]["reason"] and "duplicate" in errors[1]["reason"]
 
 
-SYN_QUESTION = re.compile(r"What (colour is the shape|kind of shape is) (to the|two places to the) "
-                          r"(left|right) of the (\w+) (\w+)\?")
+SYN_QUESTION = re.compile(r"Find the (\w+) (\w+)\. Which (colour|kind) is the shape (one place|two places) to its "
+                          r"(left|right)\?")
 
 
 def expected_answer(rec: dict) -> tuple[str, dict]:
     """Recompute the answer from the scene and the question text alone."""
-    ask, hops, direction, colour, kind = SYN_QUESTION.fullmatch(rec["raw_question"]).groups()
+    colour, kind, ask, hops, direction = SYN_QUESTION.fullmatch(rec["raw_question"]).groups()
     scene = rec["scene"]
     anchor = [i for i, s in enumerate(scene) if s["colour"] == colour]
     assert len(anchor) == 1 and scene[anchor[0]]["kind"] == kind
-    step = (1 if hops == "to the" else 2) * (1 if direction == "right" else -1)
+    step = (1 if hops == "one place" else 2) * (1 if direction == "right" else -1)
     target = scene[anchor[0] + step]
-    return (target["colour"] if ask.startswith("colour") else target["kind"]), target
+    return target[ask], target
 
 
 def test_synthetic_records_are_consistent():
     for index in range(200):
         rec = synthetic.make_record(index, seed=3)
         answer, target = expected_answer(rec)
-        assert rec["choices"][int(rec["answer"])] == answer == rec["direct_answers"][0]
-        assert rec["correct_choice_idx"] == int(rec["answer"]) and len(set(rec["choices"])) == 4
+        assert rec["choices"][rec["correct_choice_idx"]] == rec["answer"] == answer == rec["direct_answers"][0]
+        assert len(set(rec["choices"])) == 4
         assert rec["question"] == rec["raw_question"] + synthetic.choices_suffix(rec["choices"])
-        assert rec["steps"] == rec["rationales"] and 3 <= len(rec["steps"]) <= 4
-        assert rec["steps"][-1].endswith(f"{answer}.")
+        assert rec["steps"] == rec["rationales"] and len(rec["steps"]) == 3
+        assert rec["steps"][-1].endswith(f" is a {target['colour']} {target['kind']}.")
         xs = [s["x"] for s in rec["scene"]]
         assert xs == sorted(xs) and len({s["colour"] for s in rec["scene"]}) == len(xs)
     img = synthetic.draw_image(rec, size=64)
