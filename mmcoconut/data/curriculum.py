@@ -130,11 +130,11 @@ def build_prompt(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: 
         raise ValueError(f"unknown generation view {view!r}; choose from cot, nocot, coconut, dummy")
     tok = tokenize_sample(sample, tokenizer)
     prompt = [ids.image] * n_image_tokens + tok["question"]
+    latent_view = view in ("coconut", "dummy")
     n_lat = 0
-    if view in ("coconut", "dummy"):
+    if latent_view:
         n_lat = eval_latents(len(tok["steps"]), stage, cur) if n_latents is None else n_latents
+    if latent_view or (view == "cot" and cot_markers(cur)):
         prompt = prompt + [ids.start] + [ids.latent] * n_lat + [ids.end]
-    elif view == "cot" and cot_markers(cur):
-        prompt = prompt + [ids.start, ids.end]
     _check_length(len(prompt), max_length, key, f"{view} prompt ({n_lat} latents)")
     return {"input_ids": prompt, "n_latents": n_lat}

@@ -7,8 +7,9 @@ e.g. "Find the red circle. Which colour is the shape one place to its right?". T
 text: it needs the image. The rationale takes 3 steps (locate the anchor, move, read the target) and the answer is
 the choice's text, e.g. "green" (the choices are also listed in the question, A-OKVQA style).
 
-The task is shaped so that a tiny GPT-2 trained from scratch learns it in minutes on a CPU (`make demo`): the anchor
-is named first, so it sits at the same place in every question, and each step restates what the next one needs.
+The anchor is named first, so it sits at the same place in every question, and each step restates what the next
+one needs: a tiny GPT-2 trained from scratch learns the text side of the reasoning (copy the anchor, move) within a
+few hundred steps on a CPU; reading the image takes longer (bench/RESULTS.md).
 
 Every record is a pure function of (index, seed), and the image a pure function of the record's `scene`, so shards
 are reproducible byte for byte and an image can be redrawn from its json.
@@ -68,13 +69,14 @@ def make_record(index: int, seed: int) -> dict:
     direction = rng.choice(("right", "left"))
     step = hops if direction == "right" else -hops
     anchor = rng.choice([i for i in range(N_SLOTS) if 0 <= i + step < N_SLOTS])
-    target = scene[anchor + step]
+    t = anchor + step
+    target = scene[t]
     ask = rng.choice(("colour", "kind"))
     move = ("one place" if hops == 1 else "two places") + f" to its {direction}"
     raw_question = f"Find the {_describe(scene[anchor])}. Which {ask} is the shape {move}?"
     steps = [f"The {_describe(scene[anchor])} is {ORDINALS[anchor]}.",
-             f"{move.capitalize()} is {ORDINALS[anchor + step]}.",
-             f"The {ORDINALS[anchor + step]} is a {_describe(target)}."]
+             f"{move.capitalize()} is {ORDINALS[t]}.",
+             f"The {ORDINALS[t]} is a {_describe(target)}."]
     correct = target[ask]
     choices = [s[ask] for s in scene] if ask == "colour" else list(KINDS)  # the scene's colours / every kind
     rng.shuffle(choices)
