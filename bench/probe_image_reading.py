@@ -43,7 +43,7 @@ from mmcoconut.tokens import SpecialIds  # noqa: E402
 DEMO_YAML = Path(__file__).resolve().parents[1] / "mmcoconut" / "configs" / "demo.yaml"
 
 
-def probe_record(index: int, seed: int) -> dict:
+def probe_record(index: int, seed: int, with_choices: bool = True) -> dict:
     """One-step probe: the demo generator's scene moved onto a 2x2 grid, asked for one shape's colour."""
     rec = synthetic.make_record(index, seed)
     scene = [dict(s, x=(i % 2 + 0.5) / 2, y=(i // 2 + 0.5) / 2, size=2 * s["size"]) for i, s in enumerate(rec["scene"])]
@@ -54,7 +54,8 @@ def probe_record(index: int, seed: int) -> dict:
     rng.shuffle(choices)
     raw = f"Which colour is the {synthetic.ORDINALS[t]} shape?"
     steps = [f"The {synthetic.ORDINALS[t]} is a {correct} {scene[t]['kind']}."]
-    return dict(rec, question=raw + synthetic.choices_suffix(choices), raw_question=raw, steps=steps, answer=correct,
+    question = raw + synthetic.choices_suffix(choices) if with_choices else raw
+    return dict(rec, question=question, raw_question=raw, steps=steps, answer=correct,
                 choices=choices, correct_choice_idx=choices.index(correct), direct_answers=[correct] * 10,
                 rationales=steps, scene=scene)
 
@@ -70,11 +71,14 @@ def main(argv=None) -> None:
     ap.add_argument("--ntrain", type=int, default=3000)
     ap.add_argument("--proj-scale", type=float, default=None, help="scale the projector's (or meanrgb's) last layer")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-choices", action="store_true", help="probe: leave the choice list out of the question")
     a = ap.parse_args(argv)
     if a.feed in ("wte", "text") and a.task != "probe":
         ap.error(f"--feed {a.feed} needs --task probe")
     torch.set_num_threads(a.threads)
-    make = probe_record if a.task == "probe" else synthetic.make_record
+    if a.no_choices and a.task != "probe":
+        ap.error("--no-choices needs --task probe")
+    make = (lambda i, seed: probe_record(i, seed, not a.no_choices)) if a.task == "probe" else synthetic.make_record
     preset = dict(tiny_models.PRESETS["demo"], **({"image_size": 32} if a.task == "probe" else {}))
     tiny_models.PRESETS["probe"] = preset
 
