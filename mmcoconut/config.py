@@ -51,6 +51,7 @@ class CurriculumConfig:
     c_thought: int = 2  # latent tokens per replaced reasoning step
     max_latent_stage: int = 3
     epochs_per_stage: int = 1
+    stage0_epochs: Optional[int] = None  # epochs of stage 0 (CoT) before stage 1; None: epochs_per_stage
     pad_latent_to_max: bool = False
     uniform_prob: float = 0.0  # probability of drawing a random stage for a sample (Coconut)
     reset_optimizer: bool = True  # reset optimizer state at each stage change (Coconut)
@@ -306,8 +307,8 @@ def config_from_dict(d: dict) -> Config:
 
 def validate(cfg: Config) -> None:
     c = cfg.curriculum
-    for name in ("c_thought", "epochs_per_stage"):
-        if getattr(c, name) < 1:
+    for name in ("c_thought", "epochs_per_stage", "stage0_epochs"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
             raise ConfigError(f"curriculum.{name} must be >= 1, got {getattr(c, name)}")
     if c.max_latent_stage < 0 or not 0.0 <= c.uniform_prob <= 1.0:
         raise ConfigError("curriculum.max_latent_stage must be >= 0 and uniform_prob in [0, 1]")

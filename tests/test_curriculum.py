@@ -4,7 +4,8 @@ import torch
 
 from mmcoconut.config import CurriculumConfig
 from mmcoconut.data.collate import Collator, GenerationCollator
-from mmcoconut.data.curriculum import (OverlongError, SharedStage, build_example, build_prompt, sample_rng)
+from mmcoconut.data.curriculum import (OverlongError, SharedStage, build_example, build_prompt, sample_rng,
+                                       stage_for_epoch)
 from mmcoconut.tokens import SpecialIds
 
 X = -100
@@ -158,3 +159,14 @@ def test_generation_collator_left_pads(parts):
     assert (b["input_ids"][:, -1] == ids.end).all() and b["attention_mask"][0, :4].sum() == 0
     assert b["valid"] == [True, False] and b["meta"] == [{"k": "a"}, {"k": "b"}]
     assert b["position_ids"][0, -1].item() == len(rows[0]["input_ids"]) - 1
+
+
+@pytest.mark.parametrize("cur,stages", [
+    (dict(epochs_per_stage=2, max_latent_stage=2), [0, 0, 1, 1, 2, 2, 2]),  # upstream: epoch // epochs_per_stage
+    (dict(epochs_per_stage=1, stage0_epochs=3, max_latent_stage=2), [0, 0, 0, 1, 2, 2, 2]),
+    (dict(epochs_per_stage=2, stage0_epochs=1, max_latent_stage=3), [0, 1, 1, 2, 2, 3, 3]),
+    (dict(epochs_per_stage=1, coconut=False), [0] * 7),
+    (dict(epochs_per_stage=1, no_cot=True), [0] * 7),
+])
+def test_stage_for_epoch(cur, stages):
+    assert [stage_for_epoch(CurriculumConfig(**cur), e) for e in range(7)] == stages

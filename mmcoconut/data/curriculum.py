@@ -64,6 +64,18 @@ def _latent_plan(n_steps: int, stage: int, cur: CurriculumConfig, rng: Optional[
     return min(stage, n_steps), stage * cur.c_thought
 
 
+def stage_for_epoch(cur: CurriculumConfig, epoch: int) -> int:
+    """The curriculum stage of `epoch`: `stage0_epochs` epochs of stage 0, then `epochs_per_stage` per stage up to
+    `max_latent_stage` (with stage0_epochs unset, upstream's `epoch // epochs_per_stage`); 0 for CoT / no-CoT runs.
+    """
+    if not cur.coconut or cur.no_cot:
+        return 0
+    first = cur.epochs_per_stage if cur.stage0_epochs is None else cur.stage0_epochs
+    if epoch < first:
+        return 0
+    return min(1 + (epoch - first) // cur.epochs_per_stage, cur.max_latent_stage)
+
+
 def cot_markers(cur: CurriculumConfig) -> bool:
     """Whether the cot view writes START END (zero latents) after the question: yes for a model trained with
     `coconut: true`, whose stage-0 sequences all carry the markers (upstream), no for a plain CoT model."""

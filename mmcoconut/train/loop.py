@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..data.curriculum import stage_for_epoch
 from . import checkpoint as ckpt
 from .engine import hf_zero3_context, initialize, loss_scale, reset_optimizer_state
 from .schedule import make_scheduler_factory
@@ -26,11 +27,6 @@ from .tracking import Tracker
 
 def _env_int_list(name: str) -> set[int]:
     return {int(x) for x in os.environ.get(name, "").split(",") if x.strip()}
-
-
-def stage_for(cfg, epoch: int) -> int:
-    c = cfg.curriculum
-    return min(epoch // c.epochs_per_stage, c.max_latent_stage) if c.coconut and not c.no_cot else 0
 
 
 def _to_device(batch: dict, device, dtype) -> dict:
@@ -107,7 +103,7 @@ def _loop(cfg, engine, loader, state, tracker, steps_per_epoch, tokenizer, proce
     nonfinite_run = 0
     for epoch in range(first_epoch, t.num_epochs):
         # ---- curriculum: stage of this epoch; Coconut resets the optimizer when the stage changes
-        stage = stage_for(cfg, epoch)
+        stage = stage_for_epoch(cfg.curriculum, epoch)
         if state.epoch_done or epoch != state.epoch:  # a new epoch (not the continuation of a resumed one)
             state.step_in_epoch, state.batch_in_epoch, state.epoch_done = 0, 0, False
         loader.set_epoch(epoch)
