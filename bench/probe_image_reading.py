@@ -5,9 +5,12 @@ synthetic samples and reports, every --eval-every steps, teacher-forced accuracy
 (`ord1` = 1st ordinal in the target text, `colour2` = 2nd colour word, ...) on 128 val samples, and the cot-view
 MC accuracy of greedy generation.
 
-Tasks: `demo` = mmcoconut.data.synthetic (ord1: anchor position read from the image, colour2/kind2: target read
-from the image, colour1/kind1: anchor copied from the question); `probe` = a one-step task on a 2x2 grid (32 px,
-4 image tokens): "Which colour is the 3rd shape?" -> "The 3rd is a red circle." (colour1/kind1: read from image).
+Tasks: `demo` = mmcoconut.data.synthetic (colour1: anchor colour copied from the question, kind1: anchor kind read
+from the image, kind3: the kind after the move, colour2: target colour read from the image, the rest copies);
+`probe` = a one-step positional task on the demo scene drawn at 32 px with 16 px patches (2x2 grid, 4 image
+tokens): "Which colour is the 3rd shape?" -> "The 3rd is a red circle." (colour1/kind1: read from the image).
+Before 2026-11-25 evening the demo generator was a row of shapes on a 4x4 grid; bench/RESULTS.md says which
+figures used which.
 
 --feed replaces what the <image> tokens carry: `clip` (the model's own path), `wte` (probe only: each patch's
 colour word embedding, injected through the same path), `text` (probe only: the colour words as ordinary tokens
@@ -40,20 +43,21 @@ from mmcoconut.eval.evaluate import extract_answer  # noqa: E402
 from mmcoconut.model.build import build_image_processor, build_model, build_tokenizer  # noqa: E402
 from mmcoconut.tokens import SpecialIds  # noqa: E402
 
+ORDINALS = ("1st", "2nd", "3rd", "4th")
 DEMO_YAML = Path(__file__).resolve().parents[1] / "mmcoconut" / "configs" / "demo.yaml"
 
 
 def probe_record(index: int, seed: int, with_choices: bool = True) -> dict:
-    """One-step probe: the demo generator's scene moved onto a 2x2 grid, asked for one shape's colour."""
+    """One-step probe: the demo generator's scene (one shape per quadrant, reading order), asked for one colour."""
     rec = synthetic.make_record(index, seed)
-    scene = [dict(s, x=(i % 2 + 0.5) / 2, y=(i // 2 + 0.5) / 2, size=2 * s["size"]) for i, s in enumerate(rec["scene"])]
+    scene = rec["scene"]
     rng = random.Random(f"probe:{seed}:{index}")
     t = rng.randrange(len(scene))
     correct = scene[t]["colour"]
     choices = [s["colour"] for s in scene]
     rng.shuffle(choices)
-    raw = f"Which colour is the {synthetic.ORDINALS[t]} shape?"
-    steps = [f"The {synthetic.ORDINALS[t]} is a {correct} {scene[t]['kind']}."]
+    raw = f"Which colour is the {ORDINALS[t]} shape?"
+    steps = [f"The {ORDINALS[t]} is a {correct} {scene[t]['kind']}."]
     question = raw + synthetic.choices_suffix(choices) if with_choices else raw
     return dict(rec, question=question, raw_question=raw, steps=steps, answer=correct,
                 choices=choices, correct_choice_idx=choices.index(correct), direct_answers=[correct] * 10,
@@ -70,7 +74,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--ntrain", type=int, default=3000)
     ap.add_argument("--proj-scale", type=float, default=None, help="scale the projector's (or meanrgb's) last layer")
+    ap.add_argument("--seed", type=int, default=0, help="projector init and batch order")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override on top of demo.yaml, e.g. --set model.vision_layer=0")
     ap.add_argument("--no-choices", action="store_true", help="probe: leave the choice list out of the question")
     a = ap.parse_args(argv)
     if a.feed in ("wte", "text") and a.task != "probe":
@@ -79,7 +86,7 @@ def main(argv=None) -> None:
     if a.no_choices and a.task != "probe":
         ap.error("--no-choices needs --task probe")
     make = (lambda i, seed: probe_record(i, seed, not a.no_choices)) if a.task == "probe" else synthetic.make_record
-    preset = dict(tiny_models.PRESETS["demo"], **({"image_size": 32} if a.task == "probe" else {}))
+    preset = dict(tiny_models.PRESETS["demo"], **({"image_size": 32, "patch_size": 16} if a.task == "probe" else {}))
     tiny_models.PRESETS["probe"] = preset
 
     mdir = tempfile.mkdtemp(prefix="probe_models_")
@@ -87,9 +94,10 @@ def main(argv=None) -> None:
     recs = [make(i, 0) for i in range(2000)]
     texts = ["\n".join([r["question"], *r["steps"], "### " + r["answer"]]) for r in recs]
     tiny_models.make_tiny_models(mdir, preset="probe", texts=texts)
-    cfg = load_config(str(DEMO_YAML), [f"--model.lm_id={mdir}/lm", f"--model.vision_id={mdir}/vision"])
+    cfg = load_config(str(DEMO_YAML), [f"--model.lm_id={mdir}/lm", f"--model.vision_id={mdir}/vision",
+                                        *(f"--{kv}" for kv in a.set)])
     tok, proc = build_tokenizer(cfg.model), build_image_processor(cfg.model)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     model = build_model(cfg.model, tok)
     for m in model.modules():  # no dropout: the probe measures learning speed
         if isinstance(m, torch.nn.Dropout):
@@ -165,7 +173,7 @@ def main(argv=None) -> None:
         return 100 * hits / len(val_gen)
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    rng, order, t0, losses = random.Random(0), [], time.time(), []
+    rng, order, t0, losses = random.Random(a.seed), [], time.time(), []
     print(f"task {a.task} feed {a.feed} lr {a.lr} batch {a.bs} train {a.ntrain} threads {a.threads}", flush=True)
     for step in range(1, a.steps + 1):
         if len(order) < a.bs:

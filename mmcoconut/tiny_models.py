@@ -12,12 +12,12 @@ from typing import Iterable, Optional
 
 from .tokens import ADDED_TOKENS, PAD
 
-# name -> (lm: n_embd, n_layer, n_head, n_positions; vision: hidden, layers, heads, image_size, patch_size)
+# name -> (lm: n_embd, n_layer, n_head, n_positions, dropout; vision: hidden, layers, heads, image_size, patch_size)
 PRESETS = {
-    "test": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256, v_hidden=32, v_layers=1, v_heads=2,
-                 image_size=32, patch_size=16, vocab_size=400),
-    "demo": dict(n_embd=128, n_layer=4, n_head=4, n_positions=256, v_hidden=64, v_layers=2, v_heads=2,
-                 image_size=64, patch_size=16, vocab_size=600),
+    "test": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256, dropout=0.1,
+                 v_hidden=32, v_layers=1, v_heads=2, image_size=32, patch_size=16, vocab_size=400),
+    "demo": dict(n_embd=128, n_layer=4, n_head=4, n_positions=256, dropout=0.0,  # dropout slows a short demo
+                 v_hidden=64, v_layers=2, v_heads=2, image_size=64, patch_size=32, vocab_size=600),
 }
 EOS = "<|endoftext|>"
 
@@ -67,7 +67,8 @@ def make_tiny_models(out_dir: str | Path, preset: str = "test", texts: Optional[
     torch.manual_seed(seed)
     tok = train_tokenizer(texts, p["vocab_size"])
     lm_cfg = GPT2Config(vocab_size=len(tok), n_embd=p["n_embd"], n_layer=p["n_layer"], n_head=p["n_head"],
-                        n_positions=p["n_positions"], bos_token_id=tok.bos_token_id,
+                        n_positions=p["n_positions"], resid_pdrop=p["dropout"], embd_pdrop=p["dropout"],
+                        attn_pdrop=p["dropout"], bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     GPT2LMHeadModel(lm_cfg).save_pretrained(dirs["lm"])
     tok.save_pretrained(dirs["lm"])

@@ -166,19 +166,18 @@ def test_json_seed_format(tmp_path):
     assert "steps" in errors[0]["reason"] and "duplicate" in errors[1]["reason"]
 
 
-SYN_QUESTION = re.compile(r"Find the (\w+) (\w+)\. Which (colour|kind) is the shape (one place|two places) to its "
-                          r"(left|right)\?")
+SYN_QUESTION = re.compile(r"Find the (\w+) shape\. Which colour is the shape (one kind|two kinds|three kinds) after it\?")
+CYCLE = ["circle", "square", "triangle", "diamond"]  # the kind order the task defines
 
 
 def expected_answer(rec: dict) -> tuple[str, dict]:
     """Recompute the answer from the scene and the question text alone."""
-    colour, kind, ask, hops, direction = SYN_QUESTION.fullmatch(rec["raw_question"]).groups()
+    colour, hops = SYN_QUESTION.fullmatch(rec["raw_question"]).groups()
     scene = rec["scene"]
-    anchor = [i for i, s in enumerate(scene) if s["colour"] == colour]
-    assert len(anchor) == 1 and scene[anchor[0]]["kind"] == kind
-    step = (1 if hops == "one place" else 2) * (1 if direction == "right" else -1)
-    target = scene[anchor[0] + step]
-    return target[ask], target
+    (anchor,) = [s for s in scene if s["colour"] == colour]
+    n = ["one kind", "two kinds", "three kinds"].index(hops) + 1
+    (target,) = [s for s in scene if s["kind"] == CYCLE[(CYCLE.index(anchor["kind"]) + n) % 4]]
+    return target["colour"], target
 
 
 def test_synthetic_records_are_consistent():
@@ -186,12 +185,18 @@ def test_synthetic_records_are_consistent():
         rec = synthetic.make_record(index, seed=3)
         answer, target = expected_answer(rec)
         assert rec["choices"][rec["correct_choice_idx"]] == rec["answer"] == answer == rec["direct_answers"][0]
-        assert len(set(rec["choices"])) == 4
+        scene_colours = {s["colour"] for s in rec["scene"]}
+        anchor_colour = rec["raw_question"].split()[2]
+        # the three other scene colours + one colour not in the scene: text alone cannot beat 25 %
+        assert len(set(rec["choices"])) == 4 and anchor_colour not in rec["choices"]
+        assert len(set(rec["choices"]) - scene_colours) == 1
+        assert rec["answer"] in scene_colours
         assert rec["question"] == rec["raw_question"] + synthetic.choices_suffix(rec["choices"])
         assert rec["steps"] == rec["rationales"] and len(rec["steps"]) == 3
-        assert rec["steps"][-1].endswith(f" is a {target['colour']} {target['kind']}.")
-        xs = [s["x"] for s in rec["scene"]]
-        assert xs == sorted(xs) and len({s["colour"] for s in rec["scene"]}) == len(xs)
+        assert rec["steps"][-1] == f"The {target['kind']} {target['colour']}."
+        quadrants = {(s["x"], s["y"]) for s in rec["scene"]}
+        assert quadrants == {(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)}
+        assert len(scene_colours) == len({s["kind"] for s in rec["scene"]}) == 4
     img = synthetic.draw_image(rec, size=64)
     assert img.size == (64, 64) and img.mode == "RGB"
     centre = img.getpixel((int(target["x"] * 64), int(target["y"] * 64)))

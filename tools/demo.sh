@@ -18,7 +18,7 @@ step 2 "synthetic visual-reasoning shards -> $SHARDS (skipped when present)"
 if compgen -G "$SHARDS/train-*.tar" >/dev/null; then
   echo "train shards present: $(ls "$SHARDS"/train-*.tar | wc -l) files"
 else
-  python tools/make_shards.py --synthetic 3000 --seed 0 --split train --out "$SHARDS" --maxcount 500 \
+  python tools/make_shards.py --synthetic 8000 --seed 0 --split train --out "$SHARDS" --maxcount 1000 \
     --image-size 64 --no-progress
 fi
 if compgen -G "$SHARDS/val-*.tar" >/dev/null; then
