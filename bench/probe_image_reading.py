@@ -91,17 +91,13 @@ def main(argv=None) -> None:
 
     mdir = tempfile.mkdtemp(prefix="probe_models_")
     atexit.register(shutil.rmtree, mdir, ignore_errors=True)
-    recs = [make(i, 0) for i in range(2000)]
-    texts = ["\n".join([r["question"], *r["steps"], "### " + r["answer"]]) for r in recs]
+    texts = [synthetic.record_text(make(i, 0)) for i in range(2000)]
     tiny_models.make_tiny_models(mdir, preset="probe", texts=texts)
     cfg = load_config(str(DEMO_YAML), [f"--model.lm_id={mdir}/lm", f"--model.vision_id={mdir}/vision",
                                         *(f"--{kv}" for kv in a.set)])
     tok, proc = build_tokenizer(cfg.model), build_image_processor(cfg.model)
     torch.manual_seed(a.seed)
     model = build_model(cfg.model, tok)
-    for m in model.modules():  # no dropout: the probe measures learning speed
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
     ids, fast = SpecialIds.from_tokenizer(tok), FastClipPreprocess.build(proc)
     word = {w: tok.encode(" " + w)[0] for w in [*synthetic.COLOURS, *synthetic.KINDS, "1", "2", "3", "4"]}
     last = model.projector[-1] if isinstance(model.projector, torch.nn.Sequential) else model.projector

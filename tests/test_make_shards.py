@@ -166,7 +166,8 @@ def test_json_seed_format(tmp_path):
     assert "steps" in errors[0]["reason"] and "duplicate" in errors[1]["reason"]
 
 
-SYN_QUESTION = re.compile(r"Find the (\w+) shape\. Which colour is the shape (one kind|two kinds|three kinds) after it\?")
+SYN_QUESTION = re.compile(r"Find the (\w+) shape\. Which colour is the shape (one kind|two kinds|three kinds) "
+                          r"after it\?")
 CYCLE = ["circle", "square", "triangle", "diamond"]  # the kind order the task defines
 
 

@@ -123,9 +123,11 @@ def iter_records(n: int, seed: int) -> Iterator[dict]:
         yield make_record(index, seed)
 
 
+def record_text(rec: dict) -> str:
+    """Question + steps + answer of one record as plain text (what the tiny tokenizer is trained on)."""
+    return "\n".join([rec["question"], *rec["steps"], "### " + rec["answer"]])
+
+
 def synthetic_texts(n: int, seed: int) -> list[str]:
-    """Question + steps + answer texts, e.g. to train the tiny tokenizer on the demo's vocabulary."""
-    texts = []
-    for rec in iter_records(n, seed):
-        texts.append("\n".join([rec["question"], *rec["steps"], "### " + rec["answer"]]))
-    return texts
+    """record_text of the first n records, e.g. to train the tiny tokenizer on the demo's vocabulary."""
+    return [record_text(rec) for rec in iter_records(n, seed)]
