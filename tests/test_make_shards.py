@@ -66,7 +66,7 @@ def read_shards(out: Path, split: str) -> list[dict]:
     samples = []
     for s in wds.WebDataset(urls, shardshuffle=False):
         rec = json.loads(s["json"].decode("utf-8"))
-        samples.append({"key": s["__key__"], "json": rec, "json_bytes": s["json"],
+        samples.append({"key": s["__key__"], "json": rec, "json_bytes": s["json"], "shard": Path(s["__url__"]).name,
                         "image": Image.open(io.BytesIO(s["jpg"]))})
     return samples
 
@@ -119,6 +119,12 @@ def test_official_max_errors_maxcount_and_test_split(aokvqa):
     # sizes.json and errors.jsonl merge the splits
     assert json.loads((out / "sizes.json").read_text()) == {
         "test-000000.tar": 2, "train-000000.tar": 2, "train-000001.tar": 1}
+    longest = {}  # steps.json: longest step list per shard (read by the training pre-flight)
+    for split in ("train", "test"):
+        for s in read_shards(out, split):
+            longest[s["shard"]] = max(longest.get(s["shard"], 0), len(s["json"]["steps"]))
+    assert json.loads((out / "steps.json").read_text()) == longest and longest["test-000000.tar"] == 0
+    assert longest["train-000000.tar"] > 0
     assert len((out / "errors.jsonl").read_text().splitlines()) == 2
 
     # a rerun with bigger shards replaces the split's old shards

@@ -5,7 +5,8 @@
   python tools/make_shards.py --json data/my_set.json --split train                          # seed json list
   python tools/make_shards.py --synthetic 20000 --seed 0 --split train                       # built-in task
 
-Output: <out>/<split>-000000.tar ... (<key>.jpg + <key>.json), <out>/sizes.json, <out>/errors.jsonl.
+Output: <out>/<split>-000000.tar ... (<key>.jpg + <key>.json), <out>/sizes.json, <out>/steps.json,
+<out>/errors.jsonl.
 """
 from __future__ import annotations
 

@@ -105,6 +105,24 @@ class _TrainStream(torch.utils.data.IterableDataset):
                     return
 
 
+def batches_per_rank(spec: str, samples_per_epoch: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches per rank per epoch (identical on every rank); ValueError when not even one."""
+    n = samples_per_epoch // (world_size * micro_batch_size)
+    if n == 0:
+        raise ValueError(f"{spec!r}: {samples_per_epoch} samples per epoch < world_size {world_size} x "
+                         f"micro_batch_size {micro_batch_size}: not one batch per rank")
+    return n
+
+
+def check_worker_shards(spec: str, n_shards: int, world_size: int, num_workers: int, resampled: bool) -> None:
+    """Without resampling every (rank, worker) reads its own shards: ValueError when there are too few."""
+    workers = max(1, num_workers)
+    if not resampled and n_shards < world_size * workers:
+        raise ValueError(f"{spec!r}: {n_shards} shards for {world_size} ranks x {workers} workers; every "
+                         f"worker needs a shard. Write more, smaller shards (make_shards --maxcount), use "
+                         f"fewer data.num_workers, or data.resampled=true")
+
+
 class StreamingLoader:
     """Training batches for one rank; `len()` is identical on every rank. See module docstring."""
 
@@ -117,14 +135,8 @@ class StreamingLoader:
         self.num_workers = d.num_workers
         self.W = max(1, d.num_workers)
         self.samples_per_epoch = d.samples_per_epoch or sum(shard_sizes(self.urls))
-        self.num_batches = self.samples_per_epoch // (world_size * micro_batch_size)
-        if self.num_batches == 0:
-            raise ValueError(f"{shards!r}: {self.samples_per_epoch} samples per epoch < world_size {world_size} x "
-                             f"micro_batch_size {micro_batch_size}: not one batch per rank")
-        if not self.resampled and len(self.urls) < world_size * self.W:
-            raise ValueError(f"{shards!r}: {len(self.urls)} shards for {world_size} ranks x {self.W} workers; every "
-                             f"worker needs a shard. Write more, smaller shards (make_shards --maxcount), use "
-                             f"fewer data.num_workers, or data.resampled=true")
+        self.num_batches = batches_per_rank(shards, self.samples_per_epoch, world_size, micro_batch_size)
+        check_worker_shards(shards, len(self.urls), world_size, d.num_workers, self.resampled)
         self.skips = SkipCounter()
         self.rows = RowBuilder(tokenizer, image_processor, cfg, n_image_tokens, self.skips)
         ids = self.rows.ids

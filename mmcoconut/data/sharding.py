@@ -2,6 +2,8 @@
 (RGB, shorter side resized to `image_size`, JPEG quality 95) and `<key>.json` (UTF-8 record), plus
 
 - `<out_dir>/sizes.json`: shard basename -> sample count (open_clip's convention), merged with other splits';
+- `<out_dir>/steps.json`: shard basename -> longest `steps` list in it (the training pre-flight compares it with
+  the curriculum's last stage), merged the same way;
 - `<out_dir>/errors.jsonl`: one `{"split", "key", "source", "reason"}` line per skipped item; this split's old
   lines are replaced, other splits' kept.
 
@@ -89,8 +91,8 @@ def _write_json_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _update_sizes(out_dir: Path, split: str, sizes: dict[str, int]) -> None:
-    path = out_dir / "sizes.json"
+def _update_sizes(out_dir: Path, split: str, sizes: dict[str, int], name: str = "sizes.json") -> None:
+    path = out_dir / name
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     is_ours = shard_name_regex(split).match
     merged = {k: v for k, v in old.items() if not is_ours(k)}
@@ -142,6 +144,7 @@ def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, max
 
     start = time.perf_counter()
     sizes: dict[str, int] = {}
+    longest: dict[str, int] = {}  # shard -> longest steps list
     errors: list[dict] = []
     seen: set[str] = set()
     pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
@@ -162,9 +165,11 @@ def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, max
             sink.write({"__key__": item.key, "jpg": jpeg, "json": record_json})
             name = Path(sink.fname).name
             sizes[name] = sizes.get(name, 0) + 1
+            longest[name] = max(longest.get(name, 0), len(item.record.get("steps") or []))
     if not sizes:  # ShardWriter opens its first tar eagerly; do not leave an empty shard behind
         (out_dir / f"{split}-000000.tar").unlink(missing_ok=True)
     _update_sizes(out_dir, split, sizes)
+    _update_sizes(out_dir, split, longest, "steps.json")
     _update_errors(out_dir, split, errors)
 
     seconds = time.perf_counter() - start

@@ -50,11 +50,14 @@ def main(argv=None) -> int:
         # everything that can be wrong with the configs fails here, on every rank, before any collective
         from .checkpoint import plan_resume
         from .engine import resolve_ds_config
+        from .preflight import check, check_config
 
+        data = check_config(cfg)  # pre-flight: data, hyper-parameters, curriculum; nothing is built before it
         ds = resolve_ds_config(cfg, world=world)
         plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)))
         if plan is not None and plan.universal:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+        check(cfg, ds, world, data)  # pre-flight: batch arithmetic of the resolved ds_config
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

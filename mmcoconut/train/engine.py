@@ -28,20 +28,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _fitting_files(world: int, like: Optional[Path]) -> list[str]:
-    """ds_configs/ files whose batch arithmetic fits `world`; the same family as `like` first."""
+def _fitting_files(world: int, like: Optional[Path], global_batch: Optional[int] = None) -> list[tuple[str, int]]:
+    """(path, global batch) of ds_configs/ files whose batch arithmetic fits `world`: those with `global_batch`
+    first, then the same family (zero2, zero3_offload, ...) as `like`."""
     fits = []
     for p in sorted(ds_configs_dir().glob("*.json")):
         try:
             c = json.loads(p.read_text())
             if c["train_batch_size"] == (c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"]
                                          * world):
-                fits.append(p)
+                fits.append((p, c["train_batch_size"]))
         except (ValueError, KeyError, TypeError):
             continue
-    family = like.stem.rsplit("_", 1)[0] if like is not None else "zero2"
-    fits.sort(key=lambda p: p.stem.rsplit("_", 1)[0] != family)
-    return [str(p) for p in fits]
+    fam = lambda p: p.stem.rsplit("_", 1)[0]  # noqa: E731
+    family = fam(like) if like is not None and any(fam(p) == fam(like) for p, _ in fits) else "zero2"
+    fits.sort(key=lambda f: (f[1] != global_batch, fam(f[0]) != family))
+    return [(str(p), g) for p, g in fits]
 
 
 def _zero_stage(ds: dict) -> int:
@@ -56,7 +58,7 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     p = Path(path)
     if not p.is_file():
         hint = _fitting_files(world, None)
-        raise ConfigError(f"ds_config {path}: no such file" + (f"; for {world} process(es) use {hint[0]}"
+        raise ConfigError(f"ds_config {path}: no such file" + (f"; for {world} process(es) use {hint[0][0]}"
                                                                if hint else ""))
     try:
         ds = json.loads(p.read_text())
@@ -69,12 +71,9 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     glob_bs, micro, acc = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], \
         ds["gradient_accumulation_steps"]
     if glob_bs != micro * acc * world:
-        fits = _fitting_files(world, p)
-        raise ConfigError(
-            f"ds_config {path} does not fit {world} process(es): train_batch_size {glob_bs} != micro "
-            f"{micro} x accumulation {acc} x world {world}; "
-            + (f"use {fits[0]} (same global batch for this world size)" if fits else
-               f"write one with gradient_accumulation_steps = {glob_bs} / ({micro} x {world})"))
+        raise ConfigError(f"ds_config {path} does not fit {world} process(es): train_batch_size {glob_bs} != "
+                          f"micro {micro} x accumulation {acc} x world {world}; "
+                          + _mismatch_hint(world, p, glob_bs, micro))
     ds = copy.deepcopy(ds)
 
     # batch: a micro-batch override keeps the global batch and re-derives accumulation
@@ -105,6 +104,20 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
     _check_device_support(ds, path)
     return ds
+
+
+def _mismatch_hint(world: int, p: Path, glob_bs: int, micro: int) -> str:
+    """What to use instead, saying whether the global batch (and so the training recipe) stays the same."""
+    keep = (f"set gradient_accumulation_steps {glob_bs // (micro * world)} in {p} (global batch {glob_bs} kept)"
+            if glob_bs % (micro * world) == 0 else "")
+    fits = _fitting_files(world, p, glob_bs)
+    if fits and fits[0][1] == glob_bs:
+        return f"use {fits[0][0]} (same global batch {glob_bs})" + (f", or {keep}" if keep else "")
+    if keep:
+        return keep + (f", or use {fits[0][0]} (global batch {fits[0][1]}, not {glob_bs})" if fits else "")
+    if fits:
+        return f"use {fits[0][0]} (global batch {fits[0][1]}, not {glob_bs})"
+    return f"write a ds_config with train_batch_size = micro x accumulation x {world}"
 
 
 def _check_device_support(ds: dict, path: str) -> None:
