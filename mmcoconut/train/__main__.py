@@ -62,11 +62,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 
-    import deepspeed
-
+    from .engine import init_distributed
     from .loop import train
 
-    deepspeed.init_distributed()
+    init_distributed()
     if rank == 0 and plan is not None:
         print(f"resume: {cfg.run_dir}/{plan.tag}{' (universal)' if plan.universal else ''}", flush=True)
     train(cfg, ds, plan, rank, world)

@@ -1,7 +1,9 @@
 """DeepSpeed config resolution/validation and engine construction.
 
 resolve_ds_config() runs before any process group exists, so a config that does not fit the world size fails
-on every rank with the same one-line error instead of hanging in a collective.
+on every rank with the same one-line error instead of hanging in a collective. On the CPU accelerator it picks
+settings that compile nothing (ds_ops.cpu_defaults); init_distributed() and initialize() build or load
+DeepSpeed's ops through the keyed cache with one line per first build (ds_ops).
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from mmcoconut.config import ConfigError
+
+from . import ds_ops
+from .ds_ops import init_distributed  # noqa: F401  (python -m mmcoconut.train calls it)
 
 FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1}
@@ -103,7 +108,7 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
         raise ConfigError(f"ds_config {path}: fp16 and bf16 are both enabled; pick one (train.precision=...)")
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
     _check_device_support(ds, path)
-    return ds
+    return ds_ops.cpu_defaults(ds)
 
 
 def _mismatch_hint(world: int, p: Path, glob_bs: int, micro: int) -> str:
@@ -172,7 +177,13 @@ def initialize(model, ds: dict, lr_scheduler_factory):
         for p in model.parameters():
             if not hasattr(p, "ds_id") and p.is_floating_point():
                 p.data = p.data.to(half)
+    from deepspeed.accelerator import get_accelerator
+
+    from mmcoconut.kernels import backend_for
+
     params = [p for p in model.parameters() if p.requires_grad]
+    backend_for(get_accelerator().device_name())  # the injection op: built (one line) or loaded now, not in step 1
+    ds_ops.prepare(ds)  # DeepSpeed's ops: no silent compile inside deepspeed.initialize
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
                                            lr_scheduler=lr_scheduler_factory)
     return engine
