@@ -146,8 +146,11 @@ def test_cpu_ds_settings_need_no_op_compile(monkeypatch):
     from mmcoconut.train import ds_ops
     monkeypatch.setattr(ds_ops, "is_cpu", lambda: True)
     adamw = lambda **p: {"optimizer": {"type": "AdamW", "params": dict(lr=1e-4, **p)}}  # noqa: E731
-    assert ds_ops.cpu_defaults(adamw())["optimizer"]["params"]["torch_adam"] is True
+    params = ds_ops.cpu_defaults(adamw())["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True  # torch's fused CPU AdamW: FusedAdam's speed
     assert ds_ops.needed_ops(ds_ops.cpu_defaults(adamw())) == []
+    assert "fused" not in ds_ops.cpu_defaults(adamw(torch_adam=True))["optimizer"]["params"]  # the file chose
+    assert "fused" not in ds_ops.cpu_defaults(adamw(foreach=True))["optimizer"]["params"]
     assert ds_ops.cpu_defaults(adamw(torch_adam=False))["optimizer"]["params"]["torch_adam"] is False  # explicit
     assert ds_ops.needed_ops(adamw(torch_adam=False)) == ["FusedAdamBuilder"]
     offload = dict(adamw(), zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}})
@@ -162,3 +165,10 @@ def test_cpu_ds_settings_need_no_op_compile(monkeypatch):
     for f in sorted((ROOT / "ds_configs").glob("*_2gpu.json")):
         ds = resolve_ds_config(load_config(None, ["--train.precision=fp32"]), str(f), world=2)
         assert ds["optimizer"]["params"]["torch_adam"] is True and ds_ops.needed_ops(ds) == [], f
+    import torch  # DeepSpeed hands the remaining params to torch.optim.AdamW: fused=True must be accepted there
+    p = torch.nn.Parameter(torch.ones(3))
+    params = {k: v for k, v in ds["optimizer"]["params"].items() if k != "torch_adam"}
+    opt = torch.optim.AdamW([p], **params)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.param_groups[0]["fused"] is True and p.detach().lt(1).all()

@@ -6,7 +6,8 @@ torch's lock file. On the CPU accelerator a training run would compile two (meas
 optimizer offload) in deepspeed.initialize. Here:
 
 - cpu_defaults(ds): on the CPU accelerator an Adam/AdamW ds_config without its own ``torch_adam`` gets
-  ``"torch_adam": true`` (DeepSpeed's switch to torch.optim.AdamW: no compile). GPU configs keep FusedAdam.
+  ``"torch_adam": true, "fused": true`` (DeepSpeed's switch to torch.optim.AdamW, with torch's fused CPU kernel:
+  no compile, FusedAdam's speed). GPU configs keep FusedAdam.
 - init_distributed(): TORCH_EXTENSIONS_DIR becomes ``<it>/deepspeed<ver>-<key>`` (key: torch, Python, compiler,
   CPU, DeepSpeed version, accelerator, CUDA archs), then deepspeed.init_distributed. On CPU the shm comm op is
   marked unavailable first: DeepSpeed uses it only in ``inference_all_reduce`` (AutoTP inference), never in
@@ -37,10 +38,16 @@ def is_cpu() -> bool:
 
 
 def cpu_defaults(ds: dict) -> dict:
-    """CPU accelerator: torch's AdamW unless the ds_config chose (ds is changed in place and returned)."""
+    """CPU accelerator: torch's fused AdamW unless the ds_config chose (ds is changed in place and returned).
+    torch_adam alone gives torch's for-loop AdamW, 5-20x slower per optimizer step than DeepSpeed's FusedAdam;
+    `fused: true` (passed through to torch.optim.AdamW) matches FusedAdam's speed (bench/RESULTS.md)."""
     opt = ds.get("optimizer") or {}
     if is_cpu() and str(opt.get("type", "")).lower() in ("adam", "adamw"):
-        opt.setdefault("params", {}).setdefault("torch_adam", True)
+        params = opt.setdefault("params", {})
+        if "torch_adam" not in params:
+            params["torch_adam"] = True
+            if not params.get("foreach"):
+                params.setdefault("fused", True)
     return ds
 
 
