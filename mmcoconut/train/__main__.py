@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         from .engine import resolve_ds_config
 
         ds = resolve_ds_config(cfg, world=world)
-        plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)))
+        plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)),
+                           ds["train_micro_batch_size_per_gpu"])
         if plan is not None and plan.universal:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     except ConfigError as e:
@@ -61,13 +62,12 @@ def main(argv=None) -> int:
 
     import deepspeed
 
-    from .loop import train
+    from .loop import run
 
     deepspeed.init_distributed()
     if rank == 0 and plan is not None:
         print(f"resume: {cfg.run_dir}/{plan.tag}{' (universal)' if plan.universal else ''}", flush=True)
-    train(cfg, ds, plan, rank, world)
-    return 0
+    return run(cfg, ds, plan, rank, world)  # exit codes: README, "Preemption and exit codes"
 
 
 if __name__ == "__main__":
