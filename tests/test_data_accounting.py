@@ -136,3 +136,27 @@ def test_step_log_agreed_decisions_and_nonfinite_limit():
     log.take([_rec(2, bad=1)])
     with pytest.raises(TrainError, match=r"2 optimizer steps in a row had a NaN/inf loss"):
         log.take([_rec(3, bad=2)])
+
+
+def test_stepsync_lag_flush_and_poison():
+    import math
+
+    import torch
+
+    from mmcoconut.train.stepsync import FIELDS, StepSync
+
+    sync = StepSync("cpu", world=1, lag=1)
+    for step, losses in enumerate(([1.0, 3.0], [2.0, float("nan")], [4.0, 4.0]), 1):
+        sync.begin()
+        for v in losses:
+            sync.add(torch.tensor(v), 2, torch.ones(2, 5))
+        vec = sync.reduce(stop=step == 2, save_due=False, skips={"bad_json": step})
+        assert sync.poison(vec).item() == 1.0 if step != 2 else math.isnan(sync.poison(vec).item())
+        sync.push(vec, torch.tensor(0.5 * step), info={"step": step})
+        got = sync.ready()
+        assert [r.info["step"] for r in got] == ([] if step == 1 else [step - 1])  # one step late
+    last = sync.ready(flush=True)
+    assert [r.info["step"] for r in last] == [3] and sync.reads == 3 and sync.ready(flush=True) == []
+    v = last[0].values
+    assert set(v) == set(FIELDS) and v["loss_sum"] == 8.0 and v["n_finite"] == 2 and v["tokens"] == 20
+    assert v["samples"] == 4 and v["skip_bad_json"] == 3 and v["grad_norm"] == 1.5 and v["stop"] == 0

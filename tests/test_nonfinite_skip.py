@@ -2,7 +2,8 @@
 
 One subprocess (world 1, gloo) builds a small engine per combination and drives it with the loop's own window
 code (StepSync + nonfinite.finish_window): a good step, a window whose second micro-batch loss is NaN, another
-good step (plus bf16 with check_grad_overflow=false, which prepare_ds_config turns back on). The bad window must leave every parameter bitwise unchanged, count one skipped step and advance
+good step (plus bf16 with check_grad_overflow=false, which prepare_ds_config turns back on). The bad window
+must leave every parameter bitwise unchanged, count one skipped step and advance
 global_steps; the following good step must change the parameters and keep them finite.
 """
 import json
@@ -72,8 +73,9 @@ for zero, prec, check in combos:  # check: bf16.check_grad_overflow as a user mi
         p2 = params()
         moved = any(not torch.equal(a, b) for a, b in zip(p1, p2))
         finite = all(torch.isfinite(p).all().item() for p in p2)
-        results[f"zero{zero}-{prec}" + ("" if check is None else f"-check{check}")] = dict(mode=mode, optimizer=type(engine.optimizer).__name__, same=same,
-                                             skipped=skipped, steps=steps, moved=moved, finite=finite)
+        name = f"zero{zero}-{prec}" + ("" if check is None else f"-check{check}")
+        results[name] = dict(mode=mode, optimizer=type(engine.optimizer).__name__, same=same, skipped=skipped,
+                             steps=steps, moved=moved, finite=finite)
         del engine
 print("RESULTS " + json.dumps(results))
 '''

@@ -104,7 +104,8 @@ def _check_steps(sample: dict, key: str) -> None:
     if steps is not None and not (isinstance(steps, list) and all(isinstance(s, str) for s in steps)):
         raise ValueError(f"sample {key!r}: steps is not a list of strings")
     if not steps:
-        raise NoStepsError(f"sample {key!r} has no reasoning steps ('steps' is {'empty' if steps == [] else 'missing'})")
+        what = "empty" if steps == [] else "missing"
+        raise NoStepsError(f"sample {key!r} has no reasoning steps ('steps' is {what})")
 
 
 def build_example(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: int, cur: CurriculumConfig,

@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .signals import stop_request
+
+    stop_request()  # first: a stop signal during startup is honoured at the first step boundary (signals.py)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         config, ds_path, overrides = parse_args(argv)

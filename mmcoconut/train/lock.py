@@ -97,9 +97,9 @@ class RunLock:
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
-                raise RunDirLocked(f"run dir {self.dir} is in use by another {self.what} run ({describe(self._read())}); "
-                                   f"wait for it to finish or stop it, or use another train.name / "
-                                   f"logging.run_dir") from None
+                raise RunDirLocked(f"run dir {self.dir} is in use by another {self.what} run "
+                                   f"({describe(self._read())}); wait for it to finish or stop it, or use another "
+                                   "train.name / logging.run_dir") from None
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 os.close(fd)
                 raise

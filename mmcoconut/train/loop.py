@@ -179,7 +179,8 @@ def _loop(cfg, engine, loader, state, tracker, steps_per_epoch, tokenizer, proce
     minutes, last_save = cfg.checkpoint.save_every_minutes, time.monotonic()
     if rank == 0:
         print(f"train: world {world}, micro {engine.train_micro_batch_size_per_gpu()}, accumulation {acc}, global "
-              f"batch {engine.train_batch_size()}, {steps_per_epoch} steps/epoch, ZeRO-{engine.zero_optimization_stage()}, "
+              f"batch {engine.train_batch_size()}, {steps_per_epoch} steps/epoch, "
+              f"ZeRO-{engine.zero_optimization_stage()}, "
               f"{'fp16' if engine.fp16_enabled() else 'bf16' if engine.bfloat16_enabled() else 'fp32'}, run dir "
               f"{cfg.run_dir}" + (f", resumed at step {state.step} (epoch {state.epoch})" if state.step else ""),
               flush=True)
@@ -232,6 +233,8 @@ def _loop(cfg, engine, loader, state, tracker, steps_per_epoch, tokenizer, proce
                     continue
                 # last micro-batch: the step's one collective decides its fate on every rank alike
                 due = rank == 0 and minutes > 0 and time.monotonic() - last_save >= 60 * minutes
+                if due:
+                    last_save = time.monotonic()  # flagged once; the save follows at the next boundaries
                 vec = sync.reduce(stop.requested, due, loader.skip_counts)
                 # a window with a NaN/inf loss on any rank: poisoned backward, DeepSpeed skips the step
                 values = finish_window(engine, mode, sync, vec, loss, engine.global_steps + 1 in overflow_steps)
