@@ -86,6 +86,9 @@ def test_atomic_write_leaves_old_or_new(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         index.atomic_write(p, '["a", "b"]')
     assert p.read_text() == '["a"]' and [x.name for x in tmp_path.iterdir()] == ["checkpoints.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_torn_index_is_rebuilt_and_partial_tags_removed(tmp_path, capsys):
@@ -98,12 +101,13 @@ def test_torn_index_is_rebuilt_and_partial_tags_removed(tmp_path, capsys):
     (run / "step00000009" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)  # truncated after META
     (run / index.INDEX).write_text('["step00000003", "step000')  # torn
     (run / ".checkpoints.json.abc.tmp").write_text("[")
+    (run / "latest").write_text("step00000011")  # DeepSpeed wrote it, then the process died before META
     assert index.list_tags(run) == ["step00000003", "step00000006", "epoch001"]
     assert "unreadable (torn write?)" in capsys.readouterr().err
     assert index.recover(run) == ["step00000003", "step00000006", "epoch001"]
     assert json.loads((run / index.INDEX).read_text()) == ["step00000003", "step00000006", "epoch001"]
     assert not (run / "step00000011").exists() and not (run / "step00000009").exists()
-    assert not (run / ".checkpoints.json.abc.tmp").exists()
+    assert not (run / ".checkpoints.json.abc.tmp").exists() and (run / "latest").read_text() == "epoch001"
     err = capsys.readouterr().err
     assert "removing partial checkpoint" in err and "file mp_rank_00_model_states.pt has 10 bytes, 100" in err
 

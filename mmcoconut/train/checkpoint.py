@@ -28,7 +28,7 @@ import mmcoconut
 from mmcoconut.config import ConfigError
 
 from . import drift
-from .index import INDEX, META, UNIVERSAL_SUFFIX, list_tags, prune, read_meta, write_meta  # noqa: F401
+from .index import INDEX, META, UNIVERSAL_SUFFIX, fix_latest, list_tags, prune, read_meta, write_meta  # noqa: F401
 
 
 class TrainError(RuntimeError):
@@ -122,6 +122,8 @@ def _save_failed(run_dir: Path, tag: str, exn: BaseException, rank: int) -> Trai
     except OSError:
         free = "unknown"
     prev = [t for t in list_tags(run_dir, warn=False) if t != tag]
+    if rank == 0:
+        fix_latest(run_dir, prev)
     what = "no space left on device" if _no_space(exn) else f"{type(exn).__name__}: {str(exn).splitlines()[0][:200]}"
     return TrainError(f"checkpoint {tag} could not be written to {run_dir} (rank {rank}): {what}; {free} free there. "
                       + (f"The previous checkpoint {prev[-1]} is intact: free space (or lower checkpoint.keep_last) "

@@ -6,7 +6,8 @@
 - `<run_dir>/checkpoints.json` (INDEX): the complete tags, oldest first, also written via temp file + rename.
 
 At start (rank 0, under the run-dir lock) `recover()` removes partial tag dirs (a save or a prune that was killed),
-rebuilds an unreadable or stale index from the complete tag dirs with a warning, and clears leftover temp files.
+rebuilds an unreadable or stale index from the complete tag dirs with a warning, points DeepSpeed's `latest` at
+the newest complete tag, and clears leftover temp files.
 Pruning removes a tag's META first, so a killed prune never leaves a half-deleted dir that looks complete.
 """
 from __future__ import annotations
@@ -30,11 +31,16 @@ def _warn(msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path, text: str) -> None:
     """Write `text` to `path` so that a reader sees the old or the new content, never a torn file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes 0600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -160,7 +166,18 @@ def recover(run_dir) -> list[str]:
     if read_index(run_dir) != tags and (tags or (run_dir / INDEX).exists()):
         write_index(run_dir, tags)
         _warn(f"rewrote {run_dir / INDEX} from the complete checkpoint dirs: {tags}")
+    fix_latest(run_dir, tags)
     return tags
+
+
+def fix_latest(run_dir, tags: list[str]) -> None:
+    """DeepSpeed's `latest` (export tools read it) must never name a removed partial tag."""
+    latest = Path(run_dir) / "latest"
+    if latest.is_file() and latest.read_text().strip() not in tags:
+        if tags:
+            atomic_write(latest, tags[-1])
+        else:
+            latest.unlink()
 
 
 def prune(run_dir, tags: list[str], keep: int) -> list[str]:
