@@ -228,4 +228,5 @@ def test_wandb_run_id_kept_for_resume(monkeypatch, tmp_path):
     fresh = Tracker(cfg, rank=0, resumed=False)  # a fresh start in the same dir is a new wandb run
     assert fresh.run.id != run_id
     fresh.close()
-    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    # both sessions logged under run_id (one dir, or two when they started in different seconds)
+    assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -6,7 +6,7 @@ sees the request at the same optimizer-step boundary, saves a checkpoint and exi
 
 Launchers forward one request as several signals within milliseconds (a terminal's Ctrl-C reaches every
 process of the foreground group, DeepSpeed's launcher then SIGTERMs its children, pdsh sends SIGINT then
-SIGTERM), so signals within DEDUP_S of the first one count as the same request.
+SIGTERM), so signals within DEDUP_S (3 s; env MMCOCONUT_SIGNAL_DEDUP_S) of the first one count as the same request.
 
 A second signal must work even while the main thread is blocked in C (a collective whose peer died, a long
 write), where Python signal handlers do not run. So the handler is a no-op and the work is done by a watcher
