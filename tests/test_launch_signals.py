@@ -5,8 +5,6 @@ SIGKILLs them 30 s later) with two ranks that use mmcoconut.train.signals like t
 "save" and exit 75; a second signal exits at once. launch.sh must deliver each signal to the ranks only, pass the
 exit code through, kill everything on a third signal, and leave no process behind.
 """
-import base64
-import json
 import os
 import signal
 import socket
@@ -42,6 +40,8 @@ if os.environ.get("FAKE_IGNORE"):  # a rank stuck where no signal helps
         time.sleep(1)
 req = stop_request()
 open(f"{out}/rank{rank}.pid", "w").write(str(os.getpid()))
+if os.environ.get("FAKE_EXIT"):  # training finished
+    sys.exit(int(os.environ["FAKE_EXIT"]))
 while not req.requested:
     time.sleep(0.02)
 open(f"{out}/rank{rank}.stop", "w").write(req.name)
@@ -65,16 +65,20 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
-def _start(tmp_path, **env_extra):
+def _env(tmp_path, out, **env_extra):
     (tmp_path / "runner.py").write_text(RUNNER)
     (tmp_path / "rank.py").write_text(RANK)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, NGPU="0", NPROC="2", CONFIG="unused", DS_CONFIG="unused", PYTHONPATH=str(ROOT),
-               DEEPSPEED=str(tmp_path / "runner.sh"), FAKE_OUT=str(out), FAKE_RANK=str(tmp_path / "rank.py"),
-               FAKE_PORT=str(_free_port()), MMCOCONUT_SIGNAL_DEDUP_S="0.5", DS_ACCELERATOR="cpu", **env_extra)
     (tmp_path / "runner.sh").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'runner.py'} \"$@\"\n")
     (tmp_path / "runner.sh").chmod(0o755)
+    return dict(os.environ, NGPU="0", NPROC="2", CONFIG="unused", DS_CONFIG="unused", PYTHONPATH=str(ROOT),
+                DEEPSPEED=str(tmp_path / "runner.sh"), FAKE_OUT=str(out), FAKE_RANK=str(tmp_path / "rank.py"),
+                FAKE_PORT=str(_free_port()), MMCOCONUT_SIGNAL_DEDUP_S="0.5", DS_ACCELERATOR="cpu", **env_extra)
+
+
+def _start(tmp_path, **env_extra):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = _env(tmp_path, out, **env_extra)
     p = subprocess.Popen(["bash", str(ROOT / "launch.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -131,3 +135,13 @@ def test_third_signal_kills_everything(tmp_path):
         time.sleep(0.7)
     log = _finish(p, pids, timeout=30)
     assert p.returncode != 0 and "killing the whole launch" in log, log
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_code_passes_through_without_signals(tmp_path, code):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run(["bash", str(ROOT / "launch.sh")], cwd=ROOT, env=_env(tmp_path, out, FAKE_EXIT=str(code)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert "launch.sh: SIG" not in r.stderr and "+ " in r.stderr  # the command is shown, nothing forwarded
