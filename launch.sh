@@ -6,6 +6,8 @@
 #      DS_CONFIG (default ds_configs/zero2_<N>gpu.json; with HOSTFILE pick the file for the total world size),
 #      HOSTFILE (multi-node: deepspeed --hostfile), MASTER_PORT (default 29500).
 # Elastic resume on another world size: python -m mmcoconut.train.universal RUN_DIR, then launch again.
+# Exit codes: 0 done, 1 error, 2 bad config / run dir in use, 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a
+# checkpoint (run the same command again to resume), 128+N a second signal N stopped it at once.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -z "${NGPU:-}" ]; then
@@ -27,6 +29,69 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   WHERE=(--num_gpus "$NPROC")
 fi
-set -x
-exec "$DEEPSPEED" "${WHERE[@]}" --master_port "$MASTER_PORT" --module mmcoconut.train "$CONFIG" \
-  --deepspeed "$DS_CONFIG" "$@"
+CMD=("$DEEPSPEED" "${WHERE[@]}" --master_port "$MASTER_PORT" --module mmcoconut.train "$CONFIG"
+     --deepspeed "$DS_CONFIG" "$@")
+echo "+ ${CMD[*]}" >&2
+
+# Signals (README, "Preemption and exit codes"). DeepSpeed's launcher runs in its own session, so a terminal's
+# Ctrl-C or a scheduler's SIGTERM reaches this script, which forwards it to the training ranks only: DeepSpeed's
+# per-node launcher, if signalled, SIGTERMs the ranks again and SIGKILLs them 30 s later, cutting a checkpoint
+# short. 1st SIGTERM/SIGINT/SIGUSR1: the ranks finish the optimizer step, save, exit 75. 2nd: forwarded, the
+# ranks exit at once. 3rd: SIGKILL to the whole launch. Whatever happens, nothing of it is left running.
+if command -v setsid >/dev/null 2>&1; then
+  setsid "${CMD[@]}" &
+else
+  set -m; "${CMD[@]}" & set +m  # job control: own process group, not the terminal's foreground group
+fi
+LEADER=$!  # DeepSpeed's runner; its process group holds the whole launch
+NSIG=0
+
+children() {  # pids whose parent is $1
+  if command -v pgrep >/dev/null 2>&1; then pgrep -P "$1" || true; return; fi
+  local parent=$1 d stat ppid
+  for d in /proc/[0-9]*; do
+    stat=$(cat "$d/stat" 2>/dev/null) || continue
+    read -r _ ppid _ <<<"${stat##*) }"
+    if [ "$ppid" = "$parent" ]; then echo "${d#/proc/}"; fi
+  done
+}
+
+ranks() {  # runner -> per-node launcher -> ranks (single node); with HOSTFILE the runner (pdsh forwards it)
+  if [ -n "${HOSTFILE:-}" ]; then echo "$LEADER"; return; fi
+  local l
+  for l in $(children "$LEADER"); do children "$l"; done
+}
+
+forward() {
+  NSIG=$((NSIG + 1))
+  if [ "$NSIG" -ge 3 ]; then
+    echo "launch.sh: SIG$1 again: killing the whole launch" >&2
+    kill -KILL -- "-$LEADER" 2>/dev/null || true
+    return
+  fi
+  local targets
+  targets=$(ranks | tr '\n' ' ')
+  if [ -z "${targets// /}" ]; then targets="-- -$LEADER"; fi  # no rank started yet: stop the launch itself
+  echo "launch.sh: SIG$1 -> training processes $targets" \
+    "($([ "$NSIG" = 1 ] && echo "they save a checkpoint and exit 75" || echo "they exit at once"))" >&2
+  # shellcheck disable=SC2086
+  kill -s "$1" $targets 2>/dev/null || true
+}
+trap 'forward TERM' TERM HUP
+trap 'forward INT' INT
+trap 'forward USR1' USR1
+
+while :; do
+  set +e
+  wait "$LEADER"
+  rc=$?
+  set -e
+  kill -0 "$LEADER" 2>/dev/null || break  # still running: `wait` was interrupted by a trapped signal
+done
+if kill -0 -- "-$LEADER" 2>/dev/null; then  # leftovers of the launch (orphaned ranks or workers)
+  echo "launch.sh: stopping processes left over by the launch" >&2
+  kill -TERM -- "-$LEADER" 2>/dev/null || true
+  for _ in 1 2 3 4 5; do kill -0 -- "-$LEADER" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$LEADER" 2>/dev/null || true
+fi
+exit "$rc"

@@ -42,6 +42,7 @@ class DataConfig:
     resampled: bool = False  # sample shards with replacement (no node split needed)
     num_workers: int = 2
     overlong: str = _choice("error", "error", "skip")  # what to do with sequences over model.max_length
+    max_skip_fraction: Optional[float] = 0.05  # stop when this fraction of training samples was skipped (None: never)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps_per_epoch: Optional[int] = None
     log_every: int = 10
-    max_nonfinite_steps: int = 5  # this many NaN/inf losses in a row stop the run
+    max_nonfinite_steps: int = 5  # this many optimizer steps in a row with a NaN/inf loss stop the run
     deepspeed_config: str = ""  # set by --deepspeed; default: ds_configs/ file for the world size
     precision: Optional[str] = _choice(None, None, "fp32", "fp16", "bf16")  # override the ds_config's
     initial_scale_power: Optional[int] = None  # fp16 dynamic loss scaling overrides
@@ -84,8 +85,10 @@ class TrainConfig:
 class CheckpointConfig:
     save_dir: str = "checkpoints"
     save_every_steps: int = 0  # 0: only at epoch ends
+    save_every_minutes: float = 0.0  # also save when this much time passed since the last save (0: off)
     keep_last: int = 3
     resume: Union[int, str] = "auto"  # auto | none | <tag> | <epoch number> (seed: 0 = fresh start)
+    allow_config_change: list[str] = field(default_factory=list)  # keys that may differ from the resumed run's
 
 
 @dataclass
@@ -319,3 +322,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.micro_batch_size must be >= 1")
     if cfg.model.max_length < 8:
         raise ConfigError("model.max_length must be >= 8")
+    f = cfg.data.max_skip_fraction
+    if f is not None and not 0.0 <= f <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction must be in [0, 1] (or null for no limit), got {f}")
+    if cfg.checkpoint.save_every_minutes < 0:
+        raise ConfigError("checkpoint.save_every_minutes must be >= 0 (0: off)")
+    for key in cfg.checkpoint.allow_config_change:
+        resolve_key(key, "checkpoint.allow_config_change")

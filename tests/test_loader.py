@@ -135,7 +135,9 @@ def test_corrupt_samples_skipped_and_counted(tmp_path, tiny_tokenizer, tiny_proc
     L = loader(spec, tiny_tokenizer, tiny_processor, cfg, micro=6)
     with caplog.at_level(logging.WARNING):
         (batch,) = list(L)
-    assert L.skipped == 2 and L.skips.as_dict() == {"corrupt": 2, "overlong": 0}
+    assert L.skipped == 2 and L.skips.as_dict() == {"unreadable_shard": 0, "bad_json": 1, "bad_image": 1,
+                                                    "too_long": 0, "no_steps": 0}
+    assert L.skip_counts == dict(L.skips.as_dict()) and L.state_dict()["skips"]["bad_image"] == 1
     assert "q00002" not in batch["keys"] and "q00005" not in batch["keys"] and len(batch["keys"]) == 6
     assert "'q00002'" in caplog.text and "train-000000.tar" in caplog.text
 
@@ -156,7 +158,7 @@ def test_overlong(tmp_path, tiny_tokenizer, tiny_processor):
                                              max_length=999, key="x")["input_ids"])  # 2-step samples are longer
     L = loader(spec, tiny_tokenizer, tiny_processor, cfg)
     (b,) = list(L)
-    assert L.skips.as_dict()["overlong"] >= 1 and all(int(k[-1]) % 2 == 0 for k in b["keys"])
+    assert L.skips.as_dict()["too_long"] >= 1 and all(int(k[-1]) % 2 == 0 for k in b["keys"])
 
 
 def test_stage_reaches_workers(tmp_path, tiny_tokenizer, tiny_processor):

@@ -1,17 +1,22 @@
 """End-to-end DeepSpeed training on CPU: 2 processes over gloo, tiny models, synthetic shards.
 
-Few launches, many assertions each (CI budget): run A (ZeRO-2 fp32, 2 epochs) serves loss-falls, checkpoints,
-validation and stage records; resuming A's mid-epoch checkpoint serves exact resume; converting A's last
-checkpoint serves elastic 2 -> 1; one ZeRO-3 fp16 run serves loss scaling, injected overflow and NaN skips and
-`resume: auto` on an empty dir; the world-size mismatch is a quick failing launch.
+Few launches, many assertions each (CI budget): run A (ZeRO-2 fp32, 2 epochs, a NaN loss injected on rank 0 in
+steps 3 and 11) serves loss-falls, checkpoints, validation, stage and non-finite records; resuming A's mid-epoch
+and epoch-end checkpoints serves exact resume across skipped NaN windows; converting A's last checkpoint serves
+elastic 2 -> 1 (with an allowed config change); one ZeRO-3 fp16 run serves loss scaling, injected overflow and
+NaN skips and `resume: auto` on an empty dir; SIGTERM to launch.sh mid-epoch (while a second run is refused)
+serves preemption -> checkpoint -> exact resume; the world-size mismatch and config drift are quick failing
+launches.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,13 +95,23 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
 
+# rank 0's micro-batches 5 and 21 (accumulation 2: optimizer steps 3 and 11) get a NaN loss, in every run of A
+NAN = {"MMCOCONUT_DEBUG_NAN_BATCHES": "5,21", "MMCOCONUT_DEBUG_NAN_RANKS": "0"}
+
+
+def _same_losses(a: dict, b: dict, steps) -> None:
+    assert sorted(b) == list(steps), sorted(b)
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+
+
 @pytest.fixture(scope="module")
 def run_a(setup):
     """ZeRO-2 fp32, 2 ranks, 2 epochs x 8 optimizer steps, checkpoints every 3 steps, validation each epoch."""
     run, tx = setup / "runA", setup / "torch_ext"
     r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"), "--train.precision=fp32",
                       f"--logging.run_dir={run}", "--eval.val_every_epoch=true"],
-                  env_extra={"TORCH_EXTENSIONS_DIR": str(tx)}))
+                  env_extra={"TORCH_EXTENSIONS_DIR": str(tx), **NAN}))
     # CPU settings that compile no DeepSpeed op (torch AdamW, gloo without the shm comm op): nothing was built
     assert not list(tx.rglob("*.so")) and "building DeepSpeed op" not in r.stdout, r.stdout[-3000:]
     return run
@@ -110,6 +125,12 @@ def test_zero2_trains_checkpoints_validates(run_a):
     assert [r["stage"] for r in recs if r["kind"] == "stage"] == [1]
     val = [r for r in recs if r["kind"] == "val"]
     assert len(val) == 2 and all(v["val_loss"] is not None and v["n"] == 8 for v in val), val
+    # the NaN windows: skipped by DeepSpeed on both ranks (rank 1's losses were finite), nothing else lost
+    nan = read_metrics(run_a, "nonfinite")
+    assert [(r["step"], r["batches"], r["total"]) for r in nan] == [(3, 1, 1), (11, 1, 2)], nan
+    train = {r["step"]: r for r in read_metrics(run_a, "train")}
+    assert [train[s]["skipped_steps"] for s in (2, 3, 10, 11, 16)] == [0, 1, 1, 2, 2]
+    assert all(r["loss"] is not None and r["skipped_samples"] == 0 for r in train.values())
     assert (run_a / "config.yaml").is_file() and (run_a / "latest").read_text().strip() == "epoch002"
     tags = json.loads((run_a / "checkpoints.json").read_text())
     assert tags == ["step00000003", "step00000006", "epoch001", "step00000009", "step00000012",
@@ -120,16 +141,41 @@ def test_zero2_trains_checkpoints_validates(run_a):
 
 
 def test_exact_resume_mid_epoch(setup, run_a):
-    """Resume A's step-6 checkpoint (mid-epoch 0) in a fresh 2-rank run: steps 7..16 repeat A's losses."""
+    """Resume A's step-6 checkpoint (mid-epoch 0, after a skipped NaN window) in a fresh 2-rank run: steps 7..16
+    (another NaN window at 11) repeat A's losses. A harmless config change passes with a note."""
     run = setup / "runA_resumed"
     shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
     r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"),
-                      "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=step00000006"]))
+                      "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=step00000006",
+                      "--checkpoint.keep_last=20"], env_extra=NAN))
     assert "resumed at step 6" in r.stdout
-    a, b = _losses(run_a), _losses(run)
-    assert sorted(b) == list(range(7, 17))
-    for s in b:
-        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+    assert "note: resuming" in r.stdout and "checkpoint.keep_last 10 -> 20" in r.stdout
+    _same_losses(_losses(run_a), _losses(run), range(7, 17))
+
+
+def test_exact_resume_from_epoch_end_after_nan(setup, run_a):
+    """Issue 13: a skipped NaN window used to leave a partial accumulation across the epoch boundary, and
+    resuming from the epoch checkpoint then differed on every later step. Steps 9..16 must repeat A's."""
+    run = setup / "runA_epoch"
+    shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"),
+                      "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=epoch001"],
+                  env_extra=NAN))
+    assert "resumed at step 8" in r.stdout
+    _same_losses(_losses(run_a), _losses(run), range(9, 17))
+    assert [x["step"] for x in read_metrics(run, "nonfinite")] == [11]
+
+
+def test_config_drift_refused_before_any_model_is_built(setup, run_a):
+    run = setup / "runA_drift"
+    shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    r = launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"), "--train.precision=fp32",
+                   f"--logging.run_dir={run}", "--curriculum.c_thought=3", "--train.num_epochs=3"], timeout=240)
+    assert r.returncode == 2, r.stdout[-3000:]
+    err = [ln for ln in r.stdout.splitlines() if ln.startswith("error:")]
+    assert err and "curriculum.c_thought 1 -> 3" in err[0] and "allow_config_change=curriculum.c_thought" in err[0]
+    assert "num_epochs" not in err[0] and "Traceback" not in r.stdout and "train: world" not in r.stdout
+    assert (run / "config.yaml").read_text() == (run_a / "config.yaml").read_text()  # untouched
 
 
 def test_elastic_resume_2_to_1(setup, run_a):
@@ -141,8 +187,11 @@ def test_elastic_resume_2_to_1(setup, run_a):
     assert conv.returncode == 0, conv.stdout + conv.stderr
     assert (run / "epoch002_universal" / "zero").is_dir()
     r = ok(launch(1, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_1.json"), "--train.precision=fp32",
-                      f"--logging.run_dir={run}", "--train.num_epochs=3", "--checkpoint.keep_last=2"]))
+                      f"--logging.run_dir={run}", "--train.num_epochs=3", "--checkpoint.keep_last=2",
+                      "--curriculum.max_latent_stage=3", "--checkpoint.allow_config_change=max_latent_stage"]))
     assert "(universal)" in r.stdout and "accumulation 4" in r.stdout
+    assert "allowed changes (checkpoint.allow_config_change): curriculum.max_latent_stage 2 -> 3" in r.stdout
+    assert list((run / "config_history").glob("config-*.yaml"))  # the old config.yaml was kept, not overwritten
     a, b = _losses(run_a), _losses(run)
     assert sorted(b) == list(range(17, 25))
     assert b[17] < a[1] - 0.5 and abs(b[17] - a[16]) < 0.5, (a, b)  # weights came back, not a fresh start
@@ -152,22 +201,23 @@ def test_elastic_resume_2_to_1(setup, run_a):
 
 def test_zero3_fp16_overflow_nan_and_auto_fresh_start(setup):
     """ZeRO-3 fp16, 7 steps: an injected overflow at step 3 is skipped by DeepSpeed and halves the loss scale
-    (hysteresis 1); a NaN loss on micro-batch 5 is skipped by the loop; resume=auto on an empty dir is fresh."""
+    (hysteresis 1); a NaN loss on micro-batch 9 (step 5) makes the whole window skipped through the same path
+    (a non-finite gradient: the scale halves again); resume=auto on an empty dir is fresh."""
     run = setup / "runZ3"
     r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero3_2.json"), "--train.precision=fp16",
                       "--train.hysteresis=1", "--train.initial_scale_power=10", "--train.num_epochs=1",
                       "--train.max_steps_per_epoch=7",
                       "--checkpoint.save_every_steps=0", f"--logging.run_dir={run}", "--checkpoint.resume=auto"],
-                  env_extra={"MMCOCONUT_DEBUG_OVERFLOW_STEPS": "3", "MMCOCONUT_DEBUG_NAN_BATCHES": "5"}))
+                  env_extra={"MMCOCONUT_DEBUG_OVERFLOW_STEPS": "3", "MMCOCONUT_DEBUG_NAN_BATCHES": "9"}))
     assert "resume:" not in r.stdout and "ZeRO-3, fp16" in r.stdout
     recs = {rec["step"]: rec for rec in read_metrics(run, "train")}
-    assert sorted(recs) == list(range(1, 8))  # 7 steps although micro-batch 5 was dropped (spare batches)
-    assert recs[2]["skipped_steps"] == 0 and recs[3]["skipped_steps"] == 1 and recs[7]["skipped_steps"] == 1
-    assert recs[3]["loss_scale"] == recs[2]["loss_scale"] / 2 == 512
-    assert all(rec["loss"] is not None for rec in recs.values())
+    assert sorted(recs) == list(range(1, 8))
+    assert [recs[s]["skipped_steps"] for s in (2, 3, 4, 5, 7)] == [0, 1, 1, 2, 2]
+    assert recs[3]["loss_scale"] == recs[2]["loss_scale"] / 2 == 512 and recs[5]["loss_scale"] == 256
+    assert all(rec["loss"] is not None for rec in recs.values())  # the NaN micro-batch is left out of the mean
     assert recs[7]["loss"] < recs[1]["loss"] - 0.3, recs
     nan = read_metrics(run, "nonfinite")
-    assert len(nan) == 1 and nan[0]["loss"] is None and nan[0]["total"] == 1
+    assert [(x["step"], x["batches"], x["total"]) for x in nan] == [(5, 2, 1)]  # both ranks' micro-batch 9
     assert json.loads((run / "checkpoints.json").read_text()) == ["epoch001"]
 
 
@@ -178,3 +228,107 @@ def test_ds_config_world_size_mismatch_is_one_clear_error(setup):
     assert "ds_configs/zero2_1gpu.json does not fit 2 process(es)" in r.stdout
     assert "use " in r.stdout and "zero2_2gpu.json" in r.stdout
     assert "Traceback" not in r.stdout
+
+
+def test_sigterm_to_launch_sh_checkpoints_and_resumes_exactly_second_run_refused(setup, run_a):
+    """Preemption as a scheduler does it: SIGTERM to launch.sh mid-epoch. Both ranks stop at the same step
+    boundary, save, exit 75 and leave nothing running; a second run on the busy run dir is refused naming the
+    holder; resuming gives exactly run A's losses (NaN windows included)."""
+    run, pause = setup / "runS", setup / "pause"
+    pause.touch()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               NGPU="0", NPROC="2", CONFIG=str(setup / "cfg.yaml"), DS_CONFIG=str(setup / "zero2_2.json"),
+               MASTER_PORT=str(_free_port()), DEEPSPEED=DEEPSPEED, MMCOCONUT_DEBUG_PAUSE_AT_STEP="3",
+               MMCOCONUT_DEBUG_PAUSE_FILE=str(pause), **NAN)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/mmcoconut/torch_extensions"))
+    args = ["--train.precision=fp32", f"--logging.run_dir={run}", "--eval.val_every_epoch=true"]
+    p = subprocess.Popen(["bash", str(ROOT / "launch.sh"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not all(Path(f"{pause}.reached.{r}").exists() for r in (0, 1)):
+            assert p.poll() is None and time.time() < deadline, p.communicate()[0][-4000:] if p.poll() else "slow"
+            time.sleep(0.5)
+        second = launch(1, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_1.json"),
+                            "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=none"],
+                        timeout=300)
+        assert second.returncode == 2, second.stdout[-3000:]
+        err = [ln for ln in second.stdout.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and f"run dir {run} is in use by another training run (host " in err[0], err
+        assert ", pid " in err[0] and ", started 20" in err[0] and "train: world" not in second.stdout
+        p.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        pause.unlink()
+        out, _ = p.communicate(timeout=TIMEOUT)
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    assert p.returncode == 75, out[-6000:]
+    assert "train: stopped at step 5 (epoch 0): SIGTERM received" in out, out[-4000:]
+    assert "run the same command again to resume" in out
+    assert json.loads((run / "checkpoints.json").read_text())[-1] == "step00000005"
+    fwd = re.findall(r"launch\.sh: SIGTERM -> training processes ([\d ]+)\(", out)  # (tqdm shares the line)
+    assert len(fwd) == 1, out[-4000:]
+    ranks = [int(x) for x in fwd[0].split()]
+    assert len(ranks) == 2 and not [pid for pid in ranks if Path(f"/proc/{pid}").exists()], ranks
+    assert not (run / "run.lock").read_text().strip()  # released on the way out
+    r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"), *args], env_extra=NAN))
+    assert "resumed at step 5" in r.stdout
+    _same_losses(_losses(run_a), _losses(run), range(1, 17))  # the stopped part and the resumed part
+
+
+SYNC_PROBE = r'''
+import collections, json, os, sys
+import torch
+from torch.overrides import TorchFunctionMode
+import mmcoconut.train
+from mmcoconut.train.__main__ import main
+
+TORCH, TRAIN = os.path.dirname(torch.__file__), os.path.dirname(mmcoconut.train.__file__)
+SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+         torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.numpy, torch.Tensor.cpu}
+counts = collections.Counter()
+
+
+class CountHostSyncs(TorchFunctionMode):
+    """Device->host reads issued by mmcoconut/train code (the first caller frame outside torch)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in SYNCS:
+            f = sys._getframe(1)
+            while f is not None and f.f_code.co_filename.startswith(TORCH):
+                f = f.f_back
+            if f is not None and f.f_code.co_filename.startswith(TRAIN):
+                counts[f"{os.path.basename(f.f_code.co_filename)}:{f.f_code.co_name}:{func.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+with CountHostSyncs():
+    rc = main(sys.argv[1:])
+print("SYNCS " + json.dumps(dict(counts)), flush=True)
+sys.exit(rc)
+'''
+
+
+def test_at_most_one_host_sync_per_optimizer_step(setup):
+    """Issue 12 item 6: the loop reads the device once per optimizer step (a step late), not per micro-batch.
+    One rank, accumulation 4, 8 steps, checkpoints by steps and by time (early reads there, still once per step)."""
+    run = setup / "runSync"
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/mmcoconut/torch_extensions"))
+    r = subprocess.run([sys.executable, "-c", SYNC_PROBE, str(setup / "cfg.yaml"), "--deepspeed",
+                        str(setup / "zero2_1.json"), "--train.precision=fp32", f"--logging.run_dir={run}",
+                        "--train.num_epochs=1", "--checkpoint.save_every_minutes=0.0005"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("SYNCS ")]
+    assert r.returncode == 0 and line, (r.stdout[-3000:], r.stderr[-3000:])
+    counts = json.loads(line[0][len("SYNCS "):])
+    steps = len(read_metrics(run, "train"))
+    assert steps == 8 and "accumulation 4" in r.stdout
+    assert counts == {"stepsync.py:ready:tolist": steps}, counts  # 32 micro-batches, 8 reads
+    # save_every_minutes=0.03 s: every step is flagged by rank 0's clock; a flag is acted on once read (a step
+    # late, or at once when a checkpoint flushes the reads): steps 2, 3 (also save_every_steps), 5, 6, epoch end
+    assert json.loads((run / "checkpoints.json").read_text()) == ["step00000002", "step00000003", "step00000005",
+                                                                   "step00000006", "epoch001"]

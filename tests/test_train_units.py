@@ -42,10 +42,10 @@ def test_bad_override_is_one_line_exit_2(tmp_path):
 
 def _fake_run(tmp_path, tags):
     run = tmp_path / "run"
-    for tag, world, zero in tags:
+    for i, (tag, world, zero) in enumerate(tags):
         (run / tag).mkdir(parents=True)
         (run / tag / META).write_text(json.dumps({"tag": tag, "world_size": world, "zero_stage": zero,
-                                                  "step": 1, "epoch": 0, "micro_batch_size": 4}))
+                                                  "step": i + 1, "epoch": 0, "micro_batch_size": 4}))
     (run / INDEX).write_text(json.dumps([t for t, _, _ in tags]))
     return run
 
@@ -118,3 +118,26 @@ def test_reset_optimizer_state_matches_fresh_adamw():
     opt.step()
     fresh.step()
     assert torch.allclose(p, q)
+
+
+def test_plan_resume_survives_a_torn_index(tmp_path, capsys):
+    cfg = load_config(None, [f"--logging.run_dir={tmp_path / 'run'}"])
+    run = _fake_run(tmp_path, [("step00000002", 2, 2), ("epoch001", 2, 2)])
+    (run / INDEX).write_text('["step0000')  # a torn write: every later start used to die on a JSONDecodeError
+    assert plan_resume(cfg, 2, 2).tag == "epoch001"
+    assert "unreadable (torn write?)" in capsys.readouterr().err
+
+
+def test_to_device_moves_tensors_and_objects_with_to():
+    from mmcoconut.train.loop import _to_device
+
+    class Plan:
+        def to(self, device, non_blocking=False):
+            self.moved = (str(device), non_blocking)
+            return self
+
+    plan = Plan()
+    out = _to_device({"pixel_values": torch.ones(2, 3), "input_ids": torch.ones(2, 3, dtype=torch.long),
+                      "keys": ["a", "b"], "plan": plan}, torch.device("cpu"), torch.float16)
+    assert out["pixel_values"].dtype == torch.float16 and out["input_ids"].dtype == torch.long
+    assert out["keys"] == ["a", "b"] and out["plan"] is plan and plan.moved == ("cpu", True)

@@ -36,6 +36,11 @@ class OverlongError(ValueError):
     """A sequence longer than model.max_length (data.overlong: error -> raised, skip -> counted and dropped)."""
 
 
+class NoStepsError(ValueError):
+    """A training / val-loss sample without reasoning steps (missing, null or empty `steps`): skipped and counted
+    as `no_steps` by the loaders, never trained with an empty rationale (curriculum.no_cot needs no steps)."""
+
+
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     """Per-sample RNG: a function of (seed, epoch, key) only, so resumed / re-sharded runs draw the same."""
     return random.Random(f"{seed}:{epoch}:{key}")  # str seeds are hashed with sha512: stable across runs
@@ -94,16 +99,28 @@ def _check_length(n: int, max_length: int, key: str, what: str) -> None:
                             "(raise model.max_length or set data.overlong=skip)")
 
 
+def _check_steps(sample: dict, key: str) -> None:
+    steps = sample.get("steps")
+    if steps is not None and not (isinstance(steps, list) and all(isinstance(s, str) for s in steps)):
+        raise ValueError(f"sample {key!r}: steps is not a list of strings")
+    if not steps:
+        what = "empty" if steps == [] else "missing"
+        raise NoStepsError(f"sample {key!r} has no reasoning steps ('steps' is {what})")
+
+
 def build_example(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: int, cur: CurriculumConfig,
                   n_image_tokens: int, rng: Optional[random.Random], max_length: int, key: str,
                   n_latents: Optional[int] = None) -> dict:
     """Full sequence with labels. view: train (curriculum per `cur`) | cot | nocot | coconut | dummy.
 
     Eval views coconut/dummy skip the first `stage` steps and use `n_latents` latents (default: stage*c_thought
-    as in training). Labels are -100 on image, question, START/LATENT/END. Raises OverlongError.
+    as in training). Labels are -100 on image, question, START/LATENT/END. Raises OverlongError, and for the
+    train view (unless curriculum.no_cot) NoStepsError when the sample has no steps.
     """
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+    if view == "train" and not cur.no_cot:
+        _check_steps(sample, key)
     tok = tokenize_sample(sample, tokenizer)
     steps = tok["steps"]
     markers = True

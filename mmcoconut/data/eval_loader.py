@@ -11,7 +11,7 @@ from webdataset import WebLoader
 from .collate import Collator, GenerationCollator
 from .curriculum import build_example, build_prompt
 
-from .pipeline import RowBuilder, SkipCounter, _read, _worker, shard_sizes, expand_shards
+from .pipeline import RowBuilder, SkipCounter, _read, _worker, expand_shards, ignore_stop_signals, shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -118,4 +118,5 @@ class EvalLoader:
         if self.num_batches == 0:
             return iter(())
         return iter(WebLoader(_EvalStream(self), batch_size=None, num_workers=self.num_workers,
-                              persistent_workers=False))
+                              persistent_workers=False,
+                              worker_init_fn=ignore_stop_signals if self.num_workers else None))

@@ -23,8 +23,8 @@ from webdataset.filters import shuffle as wds_shuffle
 from .collate import Collator
 from .curriculum import SharedStage, build_example, sample_rng
 
-from .pipeline import (MAX_CONSECUTIVE_FAILURES, FastClipPreprocess, RowBuilder, SkipCounter,  # noqa: F401
-                       _read, _worker, expand_shards, shard_sizes)
+from .pipeline import (MAX_CONSECUTIVE_FAILURES, SKIP_REASONS, FastClipPreprocess, RowBuilder,  # noqa: F401
+                       SkipCounter, _read, _worker, expand_shards, ignore_stop_signals, shard_sizes)
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,15 @@ class _TrainStream(torch.utils.data.IterableDataset):
         skip_raw = self.skip_raw[w]  # None: position unknown (other rank's state) -> skip rows cheaply
         skip_rows = done * L.micro if skip_raw is None else 0
         rows, pos, fails = [], 0, 0
+        discard_skips = self.start > 0  # skips met while re-reading the consumed part were counted before
         for raw in stream:
             pos += 1
             if skip_raw is not None and pos <= skip_raw:
                 continue  # exact: these raw samples were consumed before the checkpoint
             decode = skip_rows <= 0
+            if decode and discard_skips:
+                L.skips.take()
+                discard_skips = False
             rng = sample_rng(L.seed, L.epoch, raw.get("__key__", ""))
             row = L.rows.build(raw, build_example, decode=decode, view="train", stage=stage, cur=L.cur, rng=rng)
             if row is None:
@@ -97,7 +101,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
             rows.append(row)
             if len(rows) == L.micro:
                 batch = L.collator(rows)
-                batch["_pos"] = (w, pos)
+                batch["_pos"], batch["_skips"] = (w, pos), L.skips.take()  # skips since the previous batch
                 rows = []
                 yield batch
                 remaining -= 1
@@ -144,6 +148,8 @@ class StreamingLoader:
         self.stage = SharedStage(0)
         self.epoch, self.consumed = 0, 0
         self._positions: list[Optional[int]] = [0] * self.W  # raw samples read per logical worker
+        self.skip_counts = dict.fromkeys(SKIP_REASONS, 0)  # samples skipped (per reason) in consumed batches
+        self.pin_memory = False  # pin batches (DataLoader thread) for non_blocking host->GPU copies
 
     def __len__(self) -> int:
         return self.num_batches
@@ -163,7 +169,7 @@ class StreamingLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "stage": self.stage.get(), "batches_consumed": self.consumed,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "num_workers": self.W,
-                "positions": list(self._positions)}
+                "positions": list(self._positions), "skips": dict(self.skip_counts)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue at sd's next batch. Raw-sample positions are used when sd is this rank's (exact even over
@@ -175,16 +181,21 @@ class StreamingLoader:
         self.set_stage(int(sd["stage"]))
         same = sd.get("rank") == self.rank and sd.get("num_workers") == self.W and sd.get("positions")
         self._positions = list(sd["positions"]) if same else [None] * self.W
+        self.skip_counts = {r: int((sd.get("skips") or {}).get(r, 0)) for r in SKIP_REASONS}
 
     def __iter__(self) -> Iterator[dict]:
         if self.consumed >= self.num_batches:
             log.info("epoch %d already consumed (%d batches); call set_epoch(epoch + 1)", self.epoch, self.consumed)
             return
         stream = _TrainStream(self, self.consumed, list(self._positions))
-        loader = WebLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        loader = WebLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                           worker_init_fn=ignore_stop_signals if self.num_workers else None,
+                           pin_memory=self.pin_memory)
         for batch in loader:
             w, pos = batch.pop("_pos")
             self._positions[w], self.consumed = pos, self.consumed + 1
+            for reason, n in batch.pop("_skips").items():
+                self.skip_counts[reason] += int(n)
             yield batch
             if self.consumed >= self.num_batches:
                 break

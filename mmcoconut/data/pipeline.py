@@ -16,7 +16,7 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from ..tokens import SpecialIds
-from .curriculum import OverlongError
+from .curriculum import NoStepsError, OverlongError
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 1000  # a stream that only fails is an error, never a silent spin
@@ -74,36 +74,71 @@ def shard_sizes(urls: list[str], count_missing: bool = False) -> list[int]:
 
 
 # ---------------------------------------------------------------- skip accounting
+SKIP_REASONS = ("unreadable_shard", "bad_json", "bad_image", "too_long", "no_steps")
+
+
 class SkipCounter:
-    """Counts skipped samples across workers (shared memory) and warns with shard URL and key."""
+    """Skipped samples per reason (SKIP_REASONS), with a warning naming the shard URL and sample key.
+
+    Two views: shared counters (multiprocessing Values, summed over all workers: `as_dict()`, `total`, used to
+    number the warnings and by the eval loaders) and this process's counts since the last `take()`, which the
+    training stream attaches to the batch whose rows it skipped, so the loader counts exactly what was consumed
+    (also across resume). Any loader code that drops a sample or a shard calls `skip(reason, message)`.
+    """
+
+    REASONS = SKIP_REASONS
 
     def __init__(self):
-        self.corrupt, self.overlong = mp.Value("i", 0), mp.Value("i", 0)
+        self._shared = {r: mp.Value("i", 0) for r in SKIP_REASONS}
+        self._pending = dict.fromkeys(SKIP_REASONS, 0)
 
-    def _bump(self, which, msg: str) -> None:
-        with which.get_lock():
-            which.value += 1
-            n = which.value
+    def skip(self, reason: str, msg: str) -> None:
+        if reason not in self._shared:
+            raise ValueError(f"unknown skip reason {reason!r}; one of {SKIP_REASONS}")
+        self._pending[reason] += 1
+        v = self._shared[reason]
+        with v.get_lock():
+            v.value += 1
+            n = v.value
         if n <= 20 or n % 100 == 0:
-            log.warning("%s (skipped so far: %d)", msg, n)
+            log.warning("skipping %s [%s; %d skipped for this reason so far]", msg, reason, n)
 
-    def bad_sample(self, raw: dict, exn: Exception) -> None:
-        self._bump(self.corrupt, f"skipping corrupt sample {raw.get('__key__')!r} of {raw.get('__url__')}: "
-                                 f"{type(exn).__name__}: {exn}")
+    def bad_sample(self, raw: dict, exn: Exception, reason: str) -> None:
+        self.skip(reason, f"sample {raw.get('__key__')!r} of {raw.get('__url__')}: {type(exn).__name__}: {exn}")
 
     def long_sample(self, exn: Exception) -> None:
-        self._bump(self.overlong, f"skipping overlong sample: {exn}")
+        self.skip("too_long", f"overlong sample: {exn}")
 
-    def handler(self, exn: Exception) -> bool:  # tar-level errors (unreadable / truncated shard)
-        self._bump(self.corrupt, f"skipping unreadable shard data: {type(exn).__name__}: {exn}")
+    def handler(self, exn: Exception) -> bool:  # tar-level errors (unreadable / truncated shard): keep going
+        self.skip("unreadable_shard", f"unreadable shard data: {type(exn).__name__}: {exn}")
         return True
 
+    def take(self) -> dict:
+        """This process's counts since the last take() ({reason: n}, only non-zero), and reset them."""
+        out = {r: n for r, n in self._pending.items() if n}
+        self._pending = dict.fromkeys(SKIP_REASONS, 0)
+        return out
+
     def as_dict(self) -> dict:
-        return {"corrupt": self.corrupt.value, "overlong": self.overlong.value}
+        return {r: v.value for r, v in self._shared.items()}
 
     @property
     def total(self) -> int:
-        return self.corrupt.value + self.overlong.value
+        return sum(v.value for v in self._shared.values())
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGTERM/SIGINT/SIGUSR1, which launchers and schedulers send to
+    every process; the rank finishes its step, checkpoints and then shuts its workers down (mmcoconut.train.signals).
+    A worker whose rank died exits on its own (torch's parent watchdog)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        signal.set_wakeup_fd(-1)  # the rank's wakeup fd is inherited across fork: not this process's to write
+    except ValueError:
+        pass
 
 
 # ---------------------------------------------------------------- sample -> row
@@ -198,20 +233,27 @@ class RowBuilder:
         return self.proc(images=img, return_tensors="pt")["pixel_values"][0]
 
     def build(self, raw: dict, fn, decode: bool = True, **kw) -> Optional[dict]:
-        """fn = build_example | build_prompt; None when the sample is skipped (counted)."""
+        """fn = build_example | build_prompt; None when the sample is skipped (counted under its reason)."""
         key = raw.get("__key__", "?")
         try:
             sample = self.parse(raw)
             row = fn(sample, self.tok, self.ids, n_image_tokens=self.n_img, max_length=self.cfg.model.max_length,
                      key=key, **kw)
-            row["pixel_values"] = self.image(raw, decode)
         except OverlongError as e:
             if self.cfg.data.overlong == "error":
                 raise
             self.skips.long_sample(e)
             return None
-        except Exception as e:  # corrupt image / bad json / missing member
-            self.skips.bad_sample(raw, e)
+        except NoStepsError as e:
+            self.skips.bad_sample(raw, e, "no_steps")
+            return None
+        except Exception as e:  # missing .json member, invalid JSON, wrong field types
+            self.skips.bad_sample(raw, e, "bad_json")
+            return None
+        try:
+            row["pixel_values"] = self.image(raw, decode)
+        except Exception as e:  # missing / corrupt image
+            self.skips.bad_sample(raw, e, "bad_image")
             return None
         sample.pop("_tok", None)
         row.update(key=key, meta=sample)

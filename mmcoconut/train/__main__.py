@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .signals import stop_request
+
+    stop_request()  # first: a stop signal during startup is honoured at the first step boundary (signals.py)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         config, ds_path, overrides = parse_args(argv)
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
 
         data = check_config(cfg)  # pre-flight: data, hyper-parameters, curriculum; nothing is built before it
         ds = resolve_ds_config(cfg, world=world)
-        plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)))
+        plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)),
+                           ds["train_micro_batch_size_per_gpu"])
         if plan is not None and plan.universal:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
         check(cfg, ds, world, data)  # pre-flight: batch arithmetic of the resolved ds_config
@@ -63,13 +67,12 @@ def main(argv=None) -> int:
         return 2
 
     from .engine import init_distributed
-    from .loop import train
+    from .loop import run
 
     init_distributed()
     if rank == 0 and plan is not None:
         print(f"resume: {cfg.run_dir}/{plan.tag}{' (universal)' if plan.universal else ''}", flush=True)
-    train(cfg, ds, plan, rank, world)
-    return 0
+    return run(cfg, ds, plan, rank, world)  # exit codes: README, "Preemption and exit codes"
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """Checkpoints: DeepSpeed's save/load plus the glue to resume a run exactly.
 
-Layout of a run dir: `<run_dir>/<tag>/` (DeepSpeed's files, tag = step00000040 | epoch002), DeepSpeed's `latest`,
-and two side files written by rank 0 after a barrier, so they only name complete checkpoints:
-`<run_dir>/<tag>/mmcoconut.json` (world size, ZeRO stage, step, epoch) and `<run_dir>/checkpoints.json` (tags in
-save order, used for keep_last and `resume: auto`).
+Layout of a run dir: `<run_dir>/<tag>/` (DeepSpeed's files, tag = step00000040 | epoch002), DeepSpeed's `latest`
+(not used for resuming), and two side files written by rank 0 after a barrier via temp file + rename (index.py):
+`<run_dir>/<tag>/mmcoconut.json` (world size, ZeRO stage, step, epoch, resolved config, every file's size: the
+completeness marker) and `<run_dir>/checkpoints.json` (complete tags in save order, for keep_last and `resume: auto`).
 client_state: train counters, the resolved config, code version, and every rank's loader state + RNG states
 (all-gathered: DeepSpeed writes client_state only from rank 0's model-states file).
+A save that fails (disk full, ...) raises TrainError naming the tag and the free space; the partial tag dir is
+removed and the previous checkpoint stays as it was.
 """
 from __future__ import annotations
 
-import json
+import errno
 import random
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +27,17 @@ import torch.distributed as dist
 import mmcoconut
 from mmcoconut.config import ConfigError
 
-INDEX, META, UNIVERSAL_SUFFIX = "checkpoints.json", "mmcoconut.json", "_universal"
+from . import drift
+from .index import INDEX, META, UNIVERSAL_SUFFIX, fix_latest, list_tags, prune, read_meta, write_meta  # noqa: F401
+
+
+class TrainError(RuntimeError):
+    """A run-stopping condition with a clear one-line message (exit code 1). `agreed`: every rank raises it at
+    the same point (reported once, by rank 0)."""
+
+    def __init__(self, msg: str, agreed: bool = True):
+        super().__init__(msg)
+        self.agreed = agreed
 
 
 @dataclass
@@ -32,11 +45,13 @@ class TrainState:
     """Restartable loop counters (torchtitan style)."""
     epoch: int = 0
     stage: int = 0
-    step: int = 0  # optimizer steps taken (DeepSpeed's global_steps, incl. fp16-skipped ones)
+    step: int = 0  # optimizer steps taken (DeepSpeed's global_steps, incl. skipped ones)
     step_in_epoch: int = 0  # optimizer steps taken in `epoch`
     batch_in_epoch: int = 0  # micro-batches consumed in `epoch` on each rank
     samples: int = 0  # training samples seen, all ranks
-    nonfinite: int = 0  # NaN/inf losses skipped in total
+    nonfinite: int = 0  # micro-batches with a NaN/inf loss, all ranks
+    nonfinite_steps: int = 0  # optimizer steps skipped because their accumulation window had one
+    skips: dict = field(default_factory=dict)  # samples skipped by the loaders, per reason, all ranks
     epoch_done: bool = False  # the checkpoint was taken after the last batch of `epoch`
 
     def state_dict(self) -> dict:
@@ -80,38 +95,64 @@ def _barrier() -> None:
         dist.barrier()
 
 
-# ---------------------------------------------------------------- index of complete checkpoints
-def list_tags(run_dir) -> list[str]:
-    """Complete checkpoints of a run, oldest first."""
-    p = Path(run_dir) / INDEX
-    tags = json.loads(p.read_text()) if p.is_file() else []
-    return [t for t in tags if (Path(run_dir) / t / META).is_file()]
-
-
-def read_meta(run_dir, tag: str) -> dict:
-    return json.loads((Path(run_dir) / tag / META).read_text())
-
-
 # ---------------------------------------------------------------- save
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _no_space(exn: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain, or torch's zip writer's way of saying it (issue 13)."""
+    while exn is not None:
+        if isinstance(exn, OSError) and exn.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exn)
+        if "No space left" in text or "unexpected pos" in text or "file write failed" in text:
+            return True
+        exn = exn.__cause__ or exn.__context__
+    return False
+
+
+def _save_failed(run_dir: Path, tag: str, exn: BaseException, rank: int) -> TrainError:
+    shutil.rmtree(run_dir / tag, ignore_errors=True)  # partial: free its space; the previous checkpoint is untouched
+    try:
+        free = _human(shutil.disk_usage(run_dir).free)
+    except OSError:
+        free = "unknown"
+    prev = [t for t in list_tags(run_dir, warn=False) if t != tag]
+    if rank == 0:
+        fix_latest(run_dir, prev)
+    what = "no space left on device" if _no_space(exn) else f"{type(exn).__name__}: {str(exn).splitlines()[0][:200]}"
+    return TrainError(f"checkpoint {tag} could not be written to {run_dir} (rank {rank}): {what}; {free} free there. "
+                      + (f"The previous checkpoint {prev[-1]} is intact: free space (or lower checkpoint.keep_last) "
+                         "and run the same command again to resume from it." if prev else
+                         "No earlier checkpoint exists."), agreed=False)
+
+
 def save(engine, cfg, state: TrainState, loader, tag: str) -> None:
     """Every rank calls this. Saves, then rank 0 records the tag and prunes to checkpoint.keep_last."""
     run_dir = Path(cfg.run_dir)
     per_rank = _gather({"loader": loader.state_dict(), "rng": rng_state()})
     client = {"train": state.state_dict(), "ranks": per_rank, "config": cfg.to_dict(), "version": code_version(),
               "world_size": len(per_rank)}
-    engine.save_checkpoint(str(run_dir), tag, client_state=client, exclude_frozen_parameters=True)
+    try:
+        engine.save_checkpoint(str(run_dir), tag, client_state=client, exclude_frozen_parameters=True)
+    except Exception as e:  # noqa: BLE001  (disk full shows up as OSError or as torch's RuntimeError)
+        raise _save_failed(run_dir, tag, e, engine.global_rank) from e
     _barrier()  # every rank's files are written
     if engine.global_rank == 0:
         meta = {"tag": tag, "world_size": len(per_rank), "zero_stage": engine.zero_optimization_stage(),
                 "step": state.step, "epoch": state.epoch, "epoch_done": state.epoch_done,
-                "micro_batch_size": engine.train_micro_batch_size_per_gpu(), "version": client["version"]}
-        (run_dir / tag / META).write_text(json.dumps(meta, indent=1))
-        tags = [t for t in list_tags(run_dir) if t != tag] + [tag]
-        keep = max(1, cfg.checkpoint.keep_last)
-        for old in tags[:-keep]:
-            shutil.rmtree(run_dir / old, ignore_errors=True)
-            shutil.rmtree(run_dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
-        (run_dir / INDEX).write_text(json.dumps(tags[-keep:]))
+                "micro_batch_size": engine.train_micro_batch_size_per_gpu(), "version": client["version"],
+                "saved_at": round(time.time(), 3), "skips": dict(state.skips), "config": client["config"]}
+        try:
+            write_meta(run_dir / tag, meta)
+        except OSError as e:
+            raise _save_failed(run_dir, tag, e, 0) from e
+        tags = [t for t in list_tags(run_dir, warn=False) if t != tag] + [tag]
+        prune(run_dir, tags, max(1, cfg.checkpoint.keep_last))
     _barrier()
 
 
@@ -121,9 +162,28 @@ class ResumePlan:
     tag: str
     universal: bool  # load `<run_dir>/<tag>_universal` (converted) with load_universal
     meta: dict
+    notes: list = field(default_factory=list)  # harmless / allowed config changes, printed on rank 0
 
 
-def plan_resume(cfg, world: int, zero_stage: int) -> Optional[ResumePlan]:
+def _check_drift(cfg, run_dir: Path, tag: str, meta: dict, micro: Optional[int], world: int) -> list[str]:
+    """ConfigError for changes of the model / data / curriculum (drift.py); notes for the rest."""
+    old = meta.get("config")
+    if old is None and (run_dir / "config.yaml").is_file():  # checkpoints from before META carried the config
+        import yaml
+        old = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if not isinstance(old, dict):
+        return [f"{run_dir / tag} records no config: config drift not checked"]
+    old = {s: dict(v) for s, v in old.items() if isinstance(v, dict)}
+    new = cfg.to_dict()
+    old.setdefault("train", {})
+    if meta.get("world_size") != world or micro is None:  # elastic: accumulation (and micro) are re-derived
+        old["train"]["micro_batch_size"] = new["train"]["micro_batch_size"]
+    elif meta.get("micro_batch_size") is not None:  # compare the micro-batch size in effect (ds_config or override)
+        old["train"]["micro_batch_size"], new["train"]["micro_batch_size"] = meta["micro_batch_size"], micro
+    return drift.check(old, new, cfg.checkpoint.allow_config_change, f"{run_dir / tag}")
+
+
+def plan_resume(cfg, world: int, zero_stage: int, micro: Optional[int] = None) -> Optional[ResumePlan]:
     """Which checkpoint to load, decided before deepspeed.initialize (load_universal is a ds_config switch).
 
     checkpoint.resume: auto (newest complete, fresh start if none) | none | 0 (fresh) | N (end of epoch N) |
@@ -164,8 +224,8 @@ def plan_resume(cfg, world: int, zero_stage: int) -> Optional[ResumePlan]:
                 f"checkpoint {run_dir / tag} was saved by {meta['world_size']} process(es), this run has {world}: "
                 f"convert it once with `python -m mmcoconut.train.universal {run_dir} --tag {tag}`, then run "
                 "again (it is picked up automatically)")
-        return ResumePlan(tag, True, meta)
-    return ResumePlan(tag, False, meta)
+        return ResumePlan(tag, True, meta, _check_drift(cfg, run_dir, tag, meta, None, world))
+    return ResumePlan(tag, False, meta, _check_drift(cfg, run_dir, tag, meta, micro, world))
 
 
 def load(engine, cfg, plan: ResumePlan, state: TrainState, loader, world: int, rank: int) -> dict:
@@ -194,6 +254,8 @@ def load(engine, cfg, plan: ResumePlan, state: TrainState, loader, world: int, r
         old = ranks[0]["loader"]
         consumed = old["batches_consumed"] * len(ranks) * plan.meta["micro_batch_size"]
         consumed //= world * engine.train_micro_batch_size_per_gpu()
-        loader.load_state_dict(dict(old, batches_consumed=consumed, rank=rank, world_size=world, positions=None))
+        skips = dict(state.skips) if rank == 0 else {}  # run totals live on rank 0 from here on
+        loader.load_state_dict(dict(old, batches_consumed=consumed, rank=rank, world_size=world, positions=None,
+                                    skips=skips))
         state.batch_in_epoch = consumed
         return ranks[rank % len(ranks)]["rng"]

@@ -1,0 +1,232 @@
+"""Crash consistency without DeepSpeed processes: run-dir lock, checkpoint index, config drift, disk full,
+stop signals, step accounting, wandb run id."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mmcoconut.config import ConfigError, load_config
+from mmcoconut.train import drift, index
+from mmcoconut.train.lock import RunDirLocked, RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- lock
+def test_second_run_refused_naming_the_holder(tmp_path):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunDirLocked) as e:
+            RunLock(tmp_path / "run").acquire()
+    msg = str(e.value)
+    assert f"pid {os.getpid()}" in msg and "host " in msg and "started 20" in msg and "in use" in msg
+    with RunLock(tmp_path / "run") as again:  # released: free again, no takeover
+        assert again.took_over is None
+
+
+def test_dead_holder_is_taken_over_with_a_warning(tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mmcoconut.train.lock import RunLock; "
+                               f"RunLock({str(tmp_path / 'run')!r}).acquire(); print('locked', flush=True); "
+                               "time.sleep(600)"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunDirLocked, match=f"pid {holder.pid}"):
+        RunLock(tmp_path / "run").acquire()
+    holder.kill()  # SIGKILL: no cleanup; the kernel drops the flock, the record stays
+    holder.wait()
+    lock = RunLock(tmp_path / "run").acquire()
+    assert lock.took_over["pid"] == holder.pid
+    assert f"taking over the lock of a run that is gone (host {lock.took_over['host']}, pid {holder.pid}" \
+        in capsys.readouterr().err
+    lock.release()
+
+
+def test_lock_without_flock_checks_the_recorded_pid(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    a = RunLock(tmp_path / "run").acquire()  # records this (live) process
+    with pytest.raises(RunDirLocked, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path / "run").acquire()
+    a.release()
+    rec = {"host": __import__("socket").gethostname(), "pid": 2 ** 22 + 12345, "started": time.time()}
+    (tmp_path / "run" / "run.lock").write_text(json.dumps(rec))  # a dead pid on this host
+    b = RunLock(tmp_path / "run").acquire()
+    assert b.took_over["pid"] == rec["pid"]
+    b.release()
+
+
+# ---------------------------------------------------------------- index
+def _tag(run, tag, step, files=None, meta=True):
+    d = run / tag
+    d.mkdir(parents=True)
+    for name, data in (files or {"mp_rank_00_model_states.pt": b"x" * 100}).items():
+        (d / name).write_bytes(data)
+    if meta:
+        index.write_meta(d, {"tag": tag, "step": step, "world_size": 2, "zero_stage": 2, "saved_at": step})
+
+
+def test_atomic_write_leaves_old_or_new(tmp_path, monkeypatch):
+    p = tmp_path / "checkpoints.json"
+    index.atomic_write(p, '["a"]')
+
+    def boom(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        index.atomic_write(p, '["a", "b"]')
+    assert p.read_text() == '["a"]' and [x.name for x in tmp_path.iterdir()] == ["checkpoints.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_torn_index_is_rebuilt_and_partial_tags_removed(tmp_path, capsys):
+    run = tmp_path / "run"
+    _tag(run, "step00000003", 3)
+    _tag(run, "epoch001", 8)
+    _tag(run, "step00000006", 6)
+    _tag(run, "step00000011", 11, meta=False)  # killed during the save
+    _tag(run, "step00000009", 9)
+    (run / "step00000009" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)  # truncated after META
+    (run / index.INDEX).write_text('["step00000003", "step000')  # torn
+    (run / ".checkpoints.json.abc.tmp").write_text("[")
+    (run / "latest").write_text("step00000011")  # DeepSpeed wrote it, then the process died before META
+    assert index.list_tags(run) == ["step00000003", "step00000006", "epoch001"]
+    assert "unreadable (torn write?)" in capsys.readouterr().err
+    assert index.recover(run) == ["step00000003", "step00000006", "epoch001"]
+    assert json.loads((run / index.INDEX).read_text()) == ["step00000003", "step00000006", "epoch001"]
+    assert not (run / "step00000011").exists() and not (run / "step00000009").exists()
+    assert not (run / ".checkpoints.json.abc.tmp").exists() and (run / "latest").read_text() == "epoch001"
+    err = capsys.readouterr().err
+    assert "removing partial checkpoint" in err and "file mp_rank_00_model_states.pt has 10 bytes, 100" in err
+
+
+def test_complete_tag_missing_from_the_index_is_adopted_and_prune_is_meta_first(tmp_path):
+    run = tmp_path / "run"
+    for i, t in enumerate(["step00000002", "step00000004", "step00000006"]):
+        _tag(run, t, 2 * (i + 1))
+    index.write_index(run, ["step00000002", "step00000004"])  # died before recording step 6
+    assert index.list_tags(run) == ["step00000002", "step00000004", "step00000006"]
+    assert index.prune(run, index.list_tags(run), keep=2) == ["step00000004", "step00000006"]
+    assert not (run / "step00000002").exists()
+
+
+# ---------------------------------------------------------------- config drift
+def test_drift_semantic_refused_allowed_and_harmless_noted(tmp_path):
+    old = load_config(None, []).to_dict()
+    new = load_config(None, ["--curriculum.c_thought=3", "--model.projector=linear", "--train.num_epochs=9",
+                             "--train.lr=3e-4"])
+    with pytest.raises(ConfigError) as e:
+        drift.check(old, new.to_dict(), [], "run/epoch001")
+    msg = str(e.value)
+    assert "curriculum.c_thought 2 -> 3" in msg and "model.projector 'mlp2x_gelu' -> 'linear'" in msg
+    assert "--checkpoint.allow_config_change=model.projector,curriculum.c_thought" in msg
+    assert "num_epochs" not in msg and len(msg.splitlines()) == 1
+    notes = drift.check(old, new.to_dict(), ["c_thought", "model.projector"], "run/epoch001")
+    assert "allowed changes" in notes[0] and "train.num_epochs 6 -> 9" in notes[1] and "train.lr" in notes[1]
+    assert drift.check(old, load_config(None, ["--logging.report_to=none"]).to_dict(), [], "x") == \
+        ["resuming x with changed settings: logging.report_to 'wandb' -> 'none'"]
+    old.pop("eval")  # a key the old run did not know counts as its default
+    assert drift.check(old, load_config(None, []).to_dict(), [], "x") == []
+
+
+def test_config_yaml_history(tmp_path):
+    a = load_config(None, [f"--logging.run_dir={tmp_path}"])
+    assert drift.write_config(tmp_path, a) == (None, {})
+    assert drift.write_config(tmp_path, a) == (None, {})  # unchanged: nothing moved
+    b = load_config(None, [f"--logging.run_dir={tmp_path}", "--train.num_epochs=9"])
+    moved, changes = drift.write_config(tmp_path, b)
+    assert moved.parent.name == "config_history" and "num_epochs: 6" in moved.read_text()
+    assert changes == {"train.num_epochs": (6, 9)} and "num_epochs: 9" in (tmp_path / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------- disk full
+def test_disk_full_names_tag_and_free_space_and_keeps_previous(tmp_path):
+    from mmcoconut.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    _tag(run, "step00000003", 3)
+    index.write_index(run, ["step00000003"])
+
+    class Engine:
+        global_rank = 0
+
+        def save_checkpoint(self, save_dir, tag, **kw):
+            (Path(save_dir) / tag).mkdir()
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 6912 vs 6800")
+
+    cfg = load_config(None, [f"--logging.run_dir={run}"])
+    loader = SimpleNamespace(state_dict=lambda: {})
+    with pytest.raises(ckpt.TrainError) as e:
+        ckpt.save(Engine(), cfg, ckpt.TrainState(step=6), loader, "step00000006")
+    msg = str(e.value)
+    assert "checkpoint step00000006 could not be written" in msg and "no space left on device" in msg
+    assert " free there" in msg and "previous checkpoint step00000003 is intact" in msg
+    assert not (run / "step00000006").exists() and index.list_tags(run) == ["step00000003"]
+
+
+# ---------------------------------------------------------------- stop signals
+SIG_SCRIPT = r'''
+import os, signal, sys, time
+from mmcoconut.train.signals import stop_request
+req = stop_request()
+print("ready", flush=True)
+while not req.requested:
+    time.sleep(0.01)
+print("requested", req.name, flush=True)
+time.sleep(0.2)
+os.kill(os.getpid(), signal.SIGTERM)  # within the window: the same request
+time.sleep(1.0)
+print("still here", flush=True)
+sys.stdin.readline()  # blocked in C (a read) when the second signal comes: it must still exit at once
+'''
+
+
+def test_first_signal_flags_repeats_merge_second_exits_at_once(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", SIG_SCRIPT], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), MMCOCONUT_SIGNAL_DEDUP_S="0.5"))
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGUSR1)
+    assert p.stdout.readline().split() == ["requested", "SIGUSR1"]
+    assert p.stdout.readline().strip() == "still here"
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=30)  # stdin stays open: the main thread stays blocked in its read
+    err = p.stderr.read()
+    assert p.returncode == 128 + signal.SIGINT, err
+    assert "SIGUSR1 received" in err and "second stop signal (SIGINT): exiting now without saving" in err
+
+
+# ---------------------------------------------------------------- wandb run id
+def test_wandb_run_id_kept_for_resume(monkeypatch, tmp_path):
+    from mmcoconut.train.tracking import WANDB_ID_FILE, Tracker
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(None, [f"--logging.run_dir={tmp_path / 'run'}", "--logging.report_to=wandb"])
+    first = Tracker(cfg, rank=0)
+    run_id = first.run.id
+    first.close()
+    assert (tmp_path / "run" / WANDB_ID_FILE).read_text().strip() == run_id
+    resumed = Tracker(cfg, rank=0, resumed=True)
+    assert resumed.run.id == run_id
+    resumed.close()
+    fresh = Tracker(cfg, rank=0, resumed=False)  # a fresh start in the same dir is a new wandb run
+    assert fresh.run.id != run_id
+    fresh.close()
+    # both sessions logged under run_id (one dir, or two when they started in different seconds)
+    assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
