@@ -212,13 +212,24 @@ class MMCoconut(nn.Module):
                                    mmc=kv).last_hidden_state
 
     def enable_compile(self, mode: Optional[str] = None) -> None:
-        """torch.compile the per-pass LM call (not registered as a submodule: state_dict is unchanged). On CUDA the
-        one-column passes get mode="reduce-overhead" (CUDA graphs), their shapes fixed by padding the sequence
-        buffers to a multiple of COMPILE_BUCKET; `mode` overrides both. Not for ZeRO-3 (partitioned weights)."""
-        cuda = next(self.lm.parameters()).is_cuda
-        self._compiled = {"multi": torch.compile(self._lm_call, mode=mode),
-                          "one": torch.compile(self._lm_call_one,
-                                               mode=mode or ("reduce-overhead" if cuda else None))}
+        """torch.compile the per-pass LM calls (not registered as a submodule: state_dict is unchanged), built at
+        the next forward: on CUDA the one-column passes get mode="reduce-overhead" (CUDA graphs), their shapes
+        fixed by padding the sequence buffers to a multiple of COMPILE_BUCKET; `mode` overrides both. Not for
+        ZeRO-3 (partitioned weights). `disable_compile()` returns to eager."""
+        self._compiled = {"request": mode or "auto"}
+
+    def disable_compile(self) -> None:
+        self._compiled = {}
+
+    def _lm_pass_fn(self, one: bool, device):
+        if not self._compiled:
+            return self._lm_call
+        if "request" in self._compiled:
+            mode = self._compiled.pop("request")
+            one_mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
+            self._compiled.update(multi=torch.compile(self._lm_call, mode=None if mode == "auto" else mode),
+                                  one=torch.compile(self._lm_call_one, mode=one_mode))
+        return self._compiled["one" if one else "multi"]
 
     def _run_lm(self, embeds, attention_mask, position_ids, cache):
         kw = {self._cache_kw: cache} if cache is not None else {}
@@ -267,8 +278,7 @@ class MMCoconut(nn.Module):
                 kv.own = keep[:, a, None, None, None]
             else:
                 m4, one = full[:, :, a:b], False
-            fn = self._compiled.get("one" if one else "multi") or self._lm_call
-            h = fn(e, m4, pos[:, a:b], kv)
+            h = self._lm_pass_fn(one, dev)(e, m4, pos[:, a:b], kv)
             if k < last or return_cache:
                 kv.commit(a, b)
             hs.append(h)
