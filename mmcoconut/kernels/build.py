@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+STALE_LOCK_S = 1800  # a build lock older than this was left by a killed build (a build takes ~1-3 min)
 _CACHE: dict[str, object] = {}  # kind -> module or BaseException
 _LOCK = threading.Lock()
 
@@ -45,8 +46,24 @@ def _build(kind: str):
         raise RuntimeError(f"no injection extension for device type {kind!r}")
     build_dir = extension_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(build_dir / "lock")
     return load(name=name, sources=[str(s) for s in sources], build_directory=str(build_dir),
                 verbose=os.environ.get("MMCOCONUT_EXT_VERBOSE") == "1", **kwargs)
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """torch's build baton: a killed build leaves `lock` behind and every later build waits on it forever."""
+    import time
+    import warnings
+
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"mmcoconut.kernels: removing a stale build lock {lock} ({age / 60:.0f} min old, left by a "
+                      "killed build)", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 def load_extension(kind: str):
