@@ -65,6 +65,8 @@ for f in sorted(Path("tests").glob("test_*.py")):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     except ImportError as e:
         reason = f"import: {e}"
+    except BaseException as e:  # pytest.importorskip raises Skipped (a BaseException)
+        reason = f"{type(e).__name__}: {e}"
     if reason is None and any(m in f.read_text() for m in LAZY):
         missing = [m for m in ("deepspeed", "webdataset", "braceexpand") if importlib.util.find_spec(m) is None]
         reason = f"needs {', '.join(missing)}" if missing else None
@@ -85,6 +87,7 @@ if [ "$DEVICE" = "cuda" ]; then
 fi
 TESTS=$(runnable_tests 2>"$LOG_DIR/collected.log")
 cat "$LOG_DIR/collected.log"
+if [ -z "$TESTS" ]; then echo "gpu_check: no runnable test module (see $LOG_DIR/collected.log)"; TESTS=__none__; fi
 # CUDA kernel tests (skipped without a GPU) + the model proofs on the image's torch/transformers versions
 step pytest "$PY" -m pytest -q -rs -p no:cacheprovider $TESTS
 step bench_inject env MMCOCONUT_INJECT=ext "$PY" bench/bench_inject.py --device "$DEVICE" --quick
