@@ -3,7 +3,8 @@
 #   ./launch.sh [--key=value ...]                         # CONFIG=demo, all visible GPUs, or 2 CPU processes
 #   NGPU=4 CONFIG=aokvqa DS_CONFIG=ds_configs/zero3_4gpu.json ./launch.sh --train.lr=3e-5
 # Env: NGPU (default: GPUs seen by nvidia-smi; 0 -> CPU with NPROC processes, default 2), CONFIG (default demo),
-#      DS_CONFIG (default ds_configs/zero2_<N>gpu.json; with HOSTFILE pick the file for the total world size),
+#      DS_CONFIG (default ds_configs/zero0_1gpu.json on one GPU, ds_configs/zero2_<N>gpu.json on N > 1, and
+#      ds_configs/cpu/zero2_<N>gpu.json on CPU; with HOSTFILE pick the file for the total world size),
 #      HOSTFILE (multi-node: deepspeed --hostfile), MASTER_PORT (default 29500).
 # Elastic resume on another world size: python -m mmcoconut.train.universal RUN_DIR, then launch again.
 # Exit codes: 0 done, 1 error, 2 bad config / run dir in use, 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a
@@ -21,7 +22,13 @@ if [ "$NGPU" = "0" ] || [ "$NGPU" = "none" ]; then
 else
   NPROC=$NGPU
 fi
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero2_${NPROC}gpu.json}
+if [ "$NGPU" = "0" ] || [ "$NGPU" = "none" ]; then
+  DS_CONFIG=${DS_CONFIG:-ds_configs/cpu/zero2_${NPROC}gpu.json}   # global batch 32, micro 4 (CPU demo sizes)
+elif [ "$NPROC" = "1" ]; then
+  DS_CONFIG=${DS_CONFIG:-ds_configs/zero0_1gpu.json}
+else
+  DS_CONFIG=${DS_CONFIG:-ds_configs/zero2_${NPROC}gpu.json}
+fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/mmcoconut/torch_extensions}
 DEEPSPEED=${DEEPSPEED:-$(command -v deepspeed || echo .venv/bin/deepspeed)}
 if [ -n "${HOSTFILE:-}" ]; then

@@ -79,6 +79,7 @@ class TrainConfig:
     loss_scale_window: Optional[int] = None
     hysteresis: Optional[int] = None
     min_loss_scale: Optional[float] = None
+    compile: bool = False  # torch.compile the per-pass LM calls (CUDA: CUDA graphs for one-column passes); not ZeRO-3
 
 
 @dataclass

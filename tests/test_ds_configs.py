@@ -11,7 +11,8 @@ from mmcoconut.train.engine import FP16_DEFAULTS, resolve_ds_config
 
 DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 FILES = sorted(DIR.glob("*.json"))
-FAMILIES = ("zero1", "zero2", "zero3", "zero3_offload", "zero2_bf16")
+FAMILIES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload", "zero1_bf16")
+GLOBAL_BATCH = 128  # Coconut's global batch; micro-batches sized for 40-141 GB GPUs
 
 
 @pytest.fixture(autouse=True)
@@ -37,20 +38,33 @@ def test_file_is_concrete_and_fits_its_world_size(path):
     assert fam in FAMILIES
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         assert isinstance(c[k], int), k
-    assert c["train_batch_size"] == 32  # the same global batch everywhere
+    assert c["train_batch_size"] == GLOBAL_BATCH  # the same global batch everywhere
     assert c["train_batch_size"] == c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * int(n)
+    assert c["train_micro_batch_size_per_gpu"] >= (8 if fam == "zero3_offload" else 16)  # GPU-sized
     assert "auto" not in path.read_text()
     assert c["optimizer"]["type"] == "AdamW" and c["gradient_clipping"] > 0
     z = c["zero_optimization"]
-    assert z["stage"] == {"zero1": 1, "zero2": 2, "zero2_bf16": 2}.get(fam, 3)
-    if fam == "zero2_bf16":
+    assert z["stage"] == {"zero0": 0, "zero1": 1, "zero2": 2, "zero1_bf16": 1}.get(fam, 3)
+    if fam == "zero1_bf16":  # BF16_Optimizer: bf16 weights, fp32 gradient accumulation
         assert c["bf16"]["enabled"] and not c.get("fp16", {}).get("enabled")
+        assert c["data_types"]["grad_accum_dtype"] == "fp32"
     else:
         assert c["fp16"] == FP16_DEFAULTS
     if z["stage"] == 3:
         assert z["stage3_gather_16bit_weights_on_model_save"] is True
+    if int(n) == 1:
+        assert not z.get("overlap_comm")  # no communication to overlap on one GPU
     if fam == "zero3_offload":
         assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("path", sorted((DIR / "cpu").glob("*.json")), ids=lambda p: p.name)
+def test_cpu_files_keep_the_demo_batch(path):
+    """ds_configs/cpu/ (launch.sh with NGPU=0): the CPU demo's global batch 32, micro 4."""
+    c = _load(path)
+    n = int(re.fullmatch(r"zero2_(\d+)gpu", path.stem).group(1))
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"]) == (32, 4)
+    assert c["train_batch_size"] == 4 * c["gradient_accumulation_steps"] * n
 
 
 def _cfg(*over):
@@ -68,15 +82,15 @@ def test_overrides_applied():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_precision_switch(precision):
-    ds = resolve_ds_config(_cfg(f"--train.precision={precision}"), str(DIR / "zero2_bf16_2gpu.json"), world=2)
+    ds = resolve_ds_config(_cfg(f"--train.precision={precision}"), str(DIR / "zero1_bf16_2gpu.json"), world=2)
     assert ds["fp16"]["enabled"] == (precision == "fp16")
     assert ds["bf16"]["enabled"] == (precision == "bf16")
 
 
 def test_micro_batch_rederives_accumulation():
-    ds = resolve_ds_config(_cfg("--train.micro_batch_size=2"), str(DIR / "zero2_2gpu.json"), world=2)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 8)
-    assert ds["train_batch_size"] == 32
+    ds = resolve_ds_config(_cfg("--train.micro_batch_size=8"), str(DIR / "zero2_2gpu.json"), world=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 8)  # e.g. 2 x T4
+    assert ds["train_batch_size"] == GLOBAL_BATCH
     with pytest.raises(ConfigError, match="not divisible"):
         resolve_ds_config(_cfg("--train.micro_batch_size=3"), str(DIR / "zero2_2gpu.json"), world=2)
 
@@ -90,7 +104,17 @@ def test_world_size_mismatch_names_the_fitting_file():
 
 
 def test_default_file_and_missing_file():
-    ds = resolve_ds_config(_cfg(), None, world=1)
-    assert ds["gradient_accumulation_steps"] == 8
+    ds = resolve_ds_config(_cfg(), None, world=1)  # one GPU: ZeRO-0, no partitioning overhead
+    assert ds["zero_optimization"]["stage"] == 0 and ds["gradient_accumulation_steps"] == 4
+    assert resolve_ds_config(_cfg(), None, world=2)["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="no such file"):
         resolve_ds_config(_cfg(), "ds_configs/nope.json", world=1)
+
+
+def test_train_compile_switch():
+    from mmcoconut.train.engine import MMCOCONUT_KEY
+    ds = resolve_ds_config(_cfg("--train.compile=true"), str(DIR / "zero2_2gpu.json"), world=2)
+    assert ds[MMCOCONUT_KEY] == {"compile": True}
+    assert MMCOCONUT_KEY not in resolve_ds_config(_cfg(), str(DIR / "zero2_2gpu.json"), world=2)
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        resolve_ds_config(_cfg("--train.compile=true"), str(DIR / "zero3_2gpu.json"), world=2)

@@ -153,3 +153,32 @@ def test_import_compiles_nothing():
     code = "import mmcoconut.kernels as K, mmcoconut.kernels.build as b; assert b._CACHE == {}; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("backend", ["ext", "ref"])
+def test_registered_custom_op(monkeypatch, backend):
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration, no data-dependent ops."""
+    monkeypatch.setenv("MMCOCONUT_INJECT", backend)
+    c = make_case(B=2, T=7, V=9, D=5, N=4, injected=0.4, seed=8)
+    args = (c.input_ids, c.weight.clone().requires_grad_(True), c.sources.clone().requires_grad_(True),
+            c.source_index)
+    torch.library.opcheck(torch.ops.mmcoconut.inject_embeddings, args)
+    torch.library.opcheck(torch.ops.mmcoconut.inject_embeddings_backward,
+                          (c.grad_out, c.input_ids, c.source_index, 9, 4, True, True))
+
+
+def test_index_checks_only_in_debug_mode(monkeypatch):
+    """The range check reads device data: it runs in debug mode only (the CPU paths raise anyway)."""
+    calls = []
+    monkeypatch.setattr(K, "check_index_range", lambda *a: calls.append(a))
+    c = make_case(B=2, T=5, V=7, D=4, N=3, injected=0.4, seed=9)
+    monkeypatch.setattr(K, "_DEBUG", False)
+    inject_embeddings(c.input_ids, c.weight, c.sources, c.source_index)
+    assert calls == []
+    K.set_debug(True)
+    try:
+        assert K.debug_enabled()
+        inject_embeddings(c.input_ids, c.weight, c.sources, c.source_index)
+    finally:
+        K.set_debug(False)
+    assert len(calls) == 1

@@ -69,15 +69,27 @@ def test_deterministic_bitwise(use_ext, monkeypatch, dtype):
         torch.testing.assert_close(a, b)
 
 
-def test_out_of_range_raises_index_error(use_ext):
+def test_out_of_range_debug_mode_and_no_sync(use_ext, monkeypatch):
+    """Without debug mode an out-of-range row is a zero row (no device->host read); debug mode raises IndexError."""
     c = make_case(B=2, T=6, V=5, D=4, N=3, injected=0.4, device="cuda", seed=7)
     bad_id = c.input_ids.clone()
     bad_id[c.source_index < 0] = 5
+    monkeypatch.setattr(K, "_DEBUG", True)
     with pytest.raises(IndexError):
         inject_embeddings(bad_id, c.weight, c.sources, c.source_index)
     bad_index = c.source_index.clone()
     bad_index[0, 0] = 3
     with pytest.raises(IndexError):
         inject_embeddings(c.input_ids, c.weight, c.sources, bad_index)
+    monkeypatch.setattr(K, "_DEBUG", False)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        out = inject_embeddings(bad_id, c.weight, c.sources, c.source_index)
+        w = c.weight.clone().requires_grad_(True)
+        s = c.sources.clone().requires_grad_(True)
+        inject_embeddings(c.input_ids, w, s, c.source_index).backward(c.grad_out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (out[c.source_index < 0] == 0).all()
     torch.cuda.synchronize()  # the context is still usable (no device-side assert)
     assert inject_embeddings(c.input_ids, c.weight, c.sources, c.source_index).shape == (2, 6, 4)

@@ -102,16 +102,18 @@ def test_more_passes_than_local_latents(tiny_mm, monkeypatch):
         b = make_mm_batch(model, tok, counts)
         with torch.no_grad():
             ref = model(**b)
-            monkeypatch.setattr(latent, "_dist_max", lambda v, device: b["input_ids"].shape[1] + 2)
+            monkeypatch.setattr(latent, "_agree_passes", lambda v: b["input_ids"].shape[1] + 2)
             out = model(**b)
             monkeypatch.undo()
         assert out.n_passes == b["input_ids"].shape[1] + 3  # forces right padding too
         assert rel_err(out.logits, ref.logits) <= 1e-5 and abs(out.loss - ref.loss) <= 1e-5 * ref.loss
 
 
-def test_batch_errors(tiny_mm):
+def test_batch_errors(tiny_mm, monkeypatch):
+    import mmcoconut.model.latent as latent
     model, tok = tiny_mm("patches")
     b = make_mm_batch(model, tok, [2, 1])
+    b.pop("latent_plan")  # the model plans these edited batches itself
     bad = dict(b, input_ids=b["input_ids"].clone())
     bad["input_ids"][0, (bad["input_ids"][0] == model.ids.image).nonzero()[0, 0]] = model.ids.pad
     with pytest.raises(ValueError, match="<image> tokens"):
@@ -124,6 +126,31 @@ def test_batch_errors(tiny_mm):
         model(**bad)
     with pytest.raises(ValueError, match="dummy_latent"):
         model(**b, dummy_latent="ones")
+    # a plan left over from another batch is caught in debug mode
+    other = make_mm_batch(model, tok, [3, 0])
+    monkeypatch.setattr(latent, "DEBUG", True)
+    with pytest.raises(ValueError, match="latent_plan does not match"):
+        model(**dict(b, latent_plan=other["latent_plan"]))
+
+
+def test_collator_rejects_bad_rows_naming_keys(tiny_mm):
+    from mmcoconut.data.collate import Collator
+    model, tok = tiny_mm("patches")
+    ids = model.ids
+    q = tok.encode("What color is the cube?\n")
+    row = lambda key, seq: {"input_ids": seq, "labels": [-100] * len(seq), "n_latents": seq.count(ids.latent),  # noqa
+                            "key": key, "pixel_values": torch.zeros(3, 32, 32)}
+    img = [ids.image] * model.n_image_tokens
+    good = img + q + [ids.start, ids.latent, ids.latent, ids.end, ids.eos]
+    split = img + q + [ids.start, ids.latent, ids.end, ids.latent, ids.eos]  # latents not contiguous
+    with pytest.raises(ValueError, match="not aligned.*'q-split'"):
+        Collator(ids, ids.pad)([row("q-good", good), row("q-split", split)])
+    with pytest.raises(ValueError, match="<image> tokens.*'q-noimg'"):
+        Collator(ids, ids.pad)([row("q-good", good), row("q-noimg", q + [ids.eos])])
+    plan = Collator(ids, ids.pad)([row("q-good", good), row("q-other", good[:-1] + [ids.eos])])["latent_plan"]
+    assert (plan.m_local, plan.image_counts) == (2, (model.n_image_tokens,) * 2)
+    assert plan.layout(3).bounds == ((0, plan.first_latent), (plan.first_latent, plan.first_latent + 1),
+                                     (plan.first_latent + 1, plan.first_latent + 2), (plan.first_latent + 2, plan.T))
 
 
 def test_build_options(tiny_dirs, tmp_path):

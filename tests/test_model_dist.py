@@ -46,7 +46,7 @@ def test_two_ranks_same_pass_count(tiny_dirs):
     results = {}
     try:
         for _ in range(2):
-            rank, *rest = queue.get(timeout=120)
+            rank, *rest = queue.get(timeout=600)
             results[rank] = rest
     finally:
         for p in procs:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.plan import plan_batch
 from ..tokens import SpecialIds
 from .curriculum import IGNORE
 
@@ -20,7 +21,9 @@ class Collator:
 
     rows: dicts with input_ids, labels (lists), n_latents, pixel_values [3,H,W], key.
     Rows are left-padded by (latest first-latent column - own first-latent column); rows without latents are
-    not left-padded. Then everything is right-padded to the longest row.
+    not left-padded. Then everything is right-padded to the longest row. `latent_plan` is the host-side pass layout
+    (mmcoconut.model.plan.LatentPlan) that lets MMCoconut.forward run without device->host syncs; a batch that
+    cannot be planned (misaligned latents, uneven <image> counts) raises ValueError naming the sample keys.
     """
 
     def __init__(self, ids: SpecialIds, pad_id: int):
@@ -41,9 +44,11 @@ class Collator:
             input_ids[b, lp:lp + n] = torch.tensor(r["input_ids"])
             labels[b, lp:lp + n] = torch.tensor(r["labels"])
             mask[b, lp:lp + n] = 1
+        keys = [r["key"] for r in rows]
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
                 "position_ids": _position_ids(mask), "pixel_values": _stack_pixels(rows),
-                "keys": [r["key"] for r in rows], "n_latents": torch.tensor([r["n_latents"] for r in rows])}
+                "keys": keys, "n_latents": torch.tensor([r["n_latents"] for r in rows]),
+                "latent_plan": plan_batch(input_ids, self.ids.latent, self.ids.image, keys=keys)}
 
 
 class GenerationCollator:

@@ -13,18 +13,18 @@ more than j latents; other rows keep their ordinary token embedding there. Every
 previous ones, so each column is computed once. A batch without latents while n > 0 (another rank has some) is split
 at T - n the same way. Gradients flow through the latent chain (nothing is detached).
 
-Activation memory: pass i keeps the usual per-layer activations of its new columns only, plus, because the
-DynamicCache grows by concatenation, a fresh K and V copy per layer covering all columns so far
-(2 · n_layer · B · cols · n_embd per pass) that attention saves for backward. No per-layer hidden states are
-requested (no output_hidden_states); the last hidden state of each pass is kept (it becomes the logits via one
-lm_head call over the whole sequence, and its last column feeds the next latent).
-
-All input embeddings (image splice, latent fill, every cached slice, generation steps) go through `_embed`,
-which calls `mmcoconut.kernels.inject_embeddings`.
+Hot path (GPU-ready): the pass layout comes from the host (`latent_plan`, made by the Collator; see plan.py), so
+`forward` with a plan reads no device data. All token columns are embedded once per micro-batch through
+`mmcoconut.kernels.inject_embeddings` (one [V, D] weight gradient; image features injected there); each later pass
+only writes its latent rows into its slice (torch.where). The KV cache is static (kvcache.py): preallocated
+buffers written in place; activation memory per pass = its own columns' activations plus no K/V copies.
+`enable_compile` compiles the per-pass LM call (torch.compile; CUDA graphs for the one-column passes).
+The cross-rank pass count is agreed on CPU data (gloo), one small collective per micro-batch, no device sync.
 """
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tokens import SpecialIds
+from . import kvcache
+from .plan import LatentPlan, Layout, plan_batch
 from .vision import encode_images
 
 try:
@@ -40,11 +42,15 @@ try:
 except ImportError:  # the kernels package is optional at import time; same semantics, plain autograd
     def inject_embeddings(input_ids, weight, sources, source_index):
         emb = F.embedding(input_ids.masked_fill(source_index >= 0, 0), weight)
+        if sources.shape[0] == 0:
+            return emb
         picked = sources.index_select(0, source_index.clamp_min(0).flatten()).view_as(emb)
         return torch.where((source_index >= 0).unsqueeze(-1), picked, emb)
 
 IGNORE = -100
 DUMMY_MODES = (None, "zeros", "random")
+DEBUG = os.environ.get("MMCOCONUT_DEBUG") == "1"  # re-plan from input_ids and compare with a given latent_plan
+COMPILE_BUCKET = 64  # with enable_compile, sequence buffers are padded to a multiple of this (few distinct shapes)
 
 
 class MMCoconutOutput(NamedTuple):
@@ -60,19 +66,28 @@ class _State:
     hidden: torch.Tensor  # [B, T, D] last hidden states (original T)
     mask: torch.Tensor  # [B, T + pad] attention mask covering everything in the cache
     position_ids: torch.Tensor  # [B, T]
-    cache: object
+    cache: object  # transformers DynamicCache of the T + pad columns (None when not requested)
     n_passes: int
 
 
-def _dist_max(value: int, device) -> int:
+_GLOO_GROUP = None
+
+
+def _agree_passes(m_local: int) -> int:
+    """MAX of m_local over ranks, on CPU data: the default group when it is gloo, else a gloo side group created
+    once (a NCCL all_reduce would need a device tensor and a device->host read). No device sync."""
+    global _GLOO_GROUP
     d = torch.distributed
     if not (d.is_available() and d.is_initialized()) or d.get_world_size() == 1:
-        return value
-    if d.get_backend() == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    d.all_reduce(t, op=d.ReduceOp.MAX)
-    return int(t.item())
+        return m_local
+    group = None
+    if d.get_backend() != "gloo":
+        if _GLOO_GROUP is None:
+            _GLOO_GROUP = d.new_group(backend="gloo")
+        group = _GLOO_GROUP
+    t = torch.tensor([m_local], dtype=torch.long)
+    d.all_reduce(t, op=d.ReduceOp.MAX, group=group)
+    return int(t[0])
 
 
 class MMCoconut(nn.Module):
@@ -85,6 +100,8 @@ class MMCoconut(nn.Module):
         self._zero3_registered = False
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.transformer.forward).parameters \
             else "past_key_values"
+        self._compiled: dict = {}  # enable_compile: "multi"/"one" -> compiled per-pass LM call
+        kvcache.install(lm)
         self._maybe_register_zero3()
 
     # ------------------------------------------------------------------------------------------- modes
@@ -143,63 +160,35 @@ class MMCoconut(nn.Module):
         return self.projector(feats.to(proj_dtype))
 
     # --------------------------------------------------------------------------------------- planning
-    def _plan(self, input_ids, attention_mask, pixel_values, position_ids, sync: bool, prefix=None):
-        """Validate the batch (one host sync) and precompute what both forwards need. Only the first `prefix`
-        columns (default all) are searched for <image>/<latent> (generated tokens are plain tokens)."""
-        B, T = input_ids.shape
-        dev = input_ids.device
-        is_img = input_ids == self.ids.image
-        is_lat = input_ids == self.ids.latent
-        if prefix is not None and prefix < T:
-            keep = (torch.arange(T, device=dev) < prefix)[None]
-            is_img, is_lat = is_img & keep, is_lat & keep
-        counts = is_lat.sum(1)
-        any_col = is_lat.any(0)
-        l0 = torch.where(any_col.any(), any_col.long().argmax(), torch.zeros((), dtype=torch.long, device=dev))
-        ar = torch.arange(T, device=dev)
-        expected = (ar >= l0) & (ar < l0 + counts[:, None])
-        img_cols = is_img.any(0)
-        img_last = torch.where(img_cols.any(), T - 1 - img_cols.flip(0).long().argmax(), torch.full_like(l0, -1))
-        aligned = (expected == is_lat).all()
-        host = torch.cat([counts, is_img.sum(1), torch.stack([l0, img_last, aligned.long()])]).tolist()
-        counts_h, img_h, (l0, img_last, aligned) = host[:B], host[B:2 * B], host[2 * B:]
-        if not aligned:
-            raise ValueError("latent tokens are not aligned: every row's latents must be contiguous and start at "
-                             f"the same column (first latent column {l0}, per-row counts {counts_h}); "
-                             "use mmcoconut.data.collate.Collator / GenerationCollator")
-        if pixel_values is None and img_last >= 0:
+    def _resolve_plan(self, input_ids, plan: Optional[LatentPlan], pixel_values, prefix=None) -> LatentPlan:
+        """The host-side plan: the given one (no device reads), or made from a host copy of input_ids."""
+        if plan is None or prefix is not None:
+            plan = plan_batch(input_ids, self.ids.latent, self.ids.image, prefix=prefix)
+        elif DEBUG:
+            _check_plan(plan, plan_batch(input_ids, self.ids.latent, self.ids.image))
+        if pixel_values is None and any(plan.image_counts):
             raise ValueError("batch has <image> tokens but no pixel_values")
-        if pixel_values is not None and any(c != self.n_image_tokens for c in img_h):
+        if pixel_values is not None and any(c != self.n_image_tokens for c in plan.image_counts):
             raise ValueError(f"each row needs exactly {self.n_image_tokens} <image> tokens (image_tokens="
-                             f"{self.image_tokens!r}), got per-row counts {img_h}")
-        m_local = max(counts_h) if B else 0
-        n = _dist_max(m_local, dev) if sync else m_local
+                             f"{self.image_tokens!r}), got per-row counts {list(plan.image_counts)}")
+        return plan.to(input_ids.device, non_blocking=True)
+
+    def _prepare(self, input_ids, attention_mask, pixel_values, position_ids, plan: LatentPlan, lay: Layout):
+        """Right-pad to lay.Tp (masked) and compute the projected image features: device ops only."""
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        if m_local > 0:
-            if l0 == 0:
-                raise ValueError("a latent token at column 0 has no preceding hidden state")
-            start, pad = l0, max(0, l0 + n - T)  # pass n needs column start + n - 1
-        else:  # no local latents but another rank has n: split at T - n (right-pad if T < n + 1)
-            start, pad = max(T - n, 1), max(0, n + 1 - T)
-        img_index = feats = None
-        if pixel_values is not None:
-            feats = self.image_features(pixel_values).flatten(0, 1)  # [B * n_img, D]
-            rank = is_img.long().cumsum(1) - 1 + torch.arange(B, device=dev)[:, None] * self.n_image_tokens
-            img_index = torch.where(is_img, rank, -1)
+        ids, mask, pos, img_index = input_ids, attention_mask, position_ids, plan.image_index
+        pad, B = lay.Tp - plan.T, ids.shape[0]
         if pad:  # right-pad (masked) so that every rank makes n + 1 calls
-            input_ids = F.pad(input_ids, (0, pad), value=self.ids.pad)
-            attention_mask = F.pad(attention_mask, (0, pad), value=0)
-            position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(B, pad)], 1)
-            is_lat = F.pad(is_lat, (0, pad), value=False)
+            ids = F.pad(ids, (0, pad), value=self.ids.pad)
+            mask = F.pad(mask, (0, pad), value=0)
+            pos = torch.cat([pos, pos[:, -1:].expand(B, pad)], 1)
             if img_index is not None:
                 img_index = F.pad(img_index, (0, pad), value=-1)
-        Tp = T + pad
-        bounds = [(0, Tp)] if n == 0 else \
-            [(0, start)] + [(start + i, start + i + 1) for i in range(n - 1)] + [(start + n - 1, Tp)]
-        return dict(T=T, n=n, m_local=m_local, start=start, bounds=bounds, input_ids=input_ids,
-                    attention_mask=attention_mask, position_ids=position_ids, is_lat=is_lat, feats=feats,
-                    img_index=img_index, img_last=img_last)
+        feats = None
+        if img_index is not None:
+            feats = self.image_features(pixel_values).flatten(0, 1)  # [B * n_img, D]
+        return ids, mask, pos, img_index, feats
 
     @staticmethod
     def _fill(h_prev: torch.Tensor, dummy: Optional[str]) -> torch.Tensor:
@@ -213,6 +202,35 @@ class MMCoconut(nn.Module):
             return r * (h_prev.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy!r}")
 
+    def _lm_call(self, emb, mask, pos, kv):
+        """One pass of the LM over new columns `emb` with the static cache `kv` (4-D bool mask)."""
+        return self.lm.transformer(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False,
+                                   mmc=kv).last_hidden_state
+
+    def _lm_call_one(self, emb, mask, pos, kv):  # same, a distinct code object for the one-column compile
+        return self.lm.transformer(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False,
+                                   mmc=kv).last_hidden_state
+
+    def enable_compile(self, mode: Optional[str] = None) -> None:
+        """torch.compile the per-pass LM calls (not registered as a submodule: state_dict is unchanged), built at
+        the next forward: on CUDA the one-column passes get mode="reduce-overhead" (CUDA graphs), their shapes
+        fixed by padding the sequence buffers to a multiple of COMPILE_BUCKET; `mode` overrides both. Not for
+        ZeRO-3 (partitioned weights). `disable_compile()` returns to eager."""
+        self._compiled = {"request": mode or "auto"}
+
+    def disable_compile(self) -> None:
+        self._compiled = {}
+
+    def _lm_pass_fn(self, one: bool, device):
+        if not self._compiled:
+            return self._lm_call
+        if "request" in self._compiled:
+            mode = self._compiled.pop("request")
+            one_mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
+            self._compiled.update(multi=torch.compile(self._lm_call, mode=None if mode == "auto" else mode),
+                                  one=torch.compile(self._lm_call_one, mode=one_mode))
+        return self._compiled["one" if one else "multi"]
+
     def _run_lm(self, embeds, attention_mask, position_ids, cache):
         kw = {self._cache_kw: cache} if cache is not None else {}
         out = self.lm.transformer(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -221,41 +239,53 @@ class MMCoconut(nn.Module):
 
     # ------------------------------------------------------------------------------------ multi-pass
     def _multipass(self, input_ids, attention_mask, pixel_values=None, position_ids=None, dummy_latent=None,
-                   sync: bool = True) -> _State:
-        from transformers import DynamicCache
-
+                   sync: bool = True, plan: Optional[LatentPlan] = None, return_cache: bool = True) -> _State:
+        """The n + 1 passes over a static KV cache. With a host `plan` (Collator) no device data is read; the
+        cache is returned as a transformers DynamicCache only with return_cache (generation)."""
         if dummy_latent not in DUMMY_MODES:
             raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy_latent!r}")
         if self.lm.transformer.gradient_checkpointing and self.training:
             raise ValueError("MMCoconut's KV-cached multi-pass forward is incompatible with HF gradient "
                              "checkpointing (it drops the cache); disable it")
         self._maybe_register_zero3(in_forward=True)
-        p = self._plan(input_ids, attention_mask, pixel_values, position_ids, sync)
-        ids, mask, pos, is_lat = p["input_ids"], p["attention_mask"], p["position_ids"], p["is_lat"]
-        B = ids.shape[0]
-        rows = torch.arange(B, device=ids.device)
-        try:
-            cache = DynamicCache(config=self.lm.config)
-        except TypeError:  # older transformers
-            cache = DynamicCache()
-        hs, h_last = [], None
-        for k, (a, b) in enumerate(p["bounds"]):
-            srcs, index = [], None
-            if p["feats"] is not None and a <= p["img_last"]:
-                srcs.append(p["feats"])
-                index = p["img_index"][:, a:b]
-            if k > 0 and a - p["start"] < p["m_local"]:  # latent column a gets the hidden state of column a - 1
-                base = sum(s.shape[0] for s in srcs)
-                col = torch.where(is_lat[:, a], rows + base, -1)
-                index = torch.full_like(ids[:, a:b], -1) if index is None else index.clone()
-                index[:, 0] = torch.where(col >= 0, col, index[:, 0])
-                srcs.append(self._fill(h_last, dummy_latent))
-            emb = self._embed(ids[:, a:b], torch.cat(srcs) if srcs else None, index)
-            h = self._run_lm(emb, mask[:, :b], pos[:, a:b], cache)
+        plan = self._resolve_plan(input_ids, plan, pixel_values)
+        n = _agree_passes(plan.m_local) if sync else plan.m_local
+        lay = plan.layout(n)
+        if self._compiled and lay.Tp % COMPILE_BUCKET:  # bucketed buffer length: the last pass grows
+            lay = _grow(lay, -lay.Tp % COMPILE_BUCKET)
+        ids, mask, pos, img_index, feats = self._prepare(input_ids, attention_mask, pixel_values, position_ids,
+                                                         plan, lay)
+        B, Tp, dev = ids.shape[0], lay.Tp, ids.device
+        emb = self._embed(ids, feats, img_index)  # every column once: one [V, D] weight gradient per micro-batch
+        chunks = emb.split([b - a for a, b in lay.bounds], 1)
+        keep = mask.bool()
+        ar = torch.arange(Tp, device=dev)
+        full = (ar[None, :] <= ar[:, None])[None, None] & keep[:, None, None, :]  # [B,1,Tp,Tp] causal & padding
+        strict = (ar[None, :] < ar[:, None])[None, None] & keep[:, None, None, :]
+        cfg = self.lm.config
+        kv = kvcache.StaticKV(cfg.n_layer, B, cfg.n_head, Tp, cfg.n_embd // cfg.n_head, emb.dtype, dev)
+        has = plan.latent_counts[None, :] > torch.arange(plan.m_local, device=dev)[:, None]  # [m, B]
+        hs, h_last, last = [], None, len(lay.bounds) - 1
+        for k, (a, b) in enumerate(lay.bounds):
+            e, w, j = chunks[k], b - a, a - lay.start  # j: latent index at column a (passes k >= 1)
+            if k > 0 and j < plan.m_local:  # latent column a gets the hidden state of column a - 1
+                sel = has[j][:, None, None] if w == 1 else has[j][:, None, None] & (ar[:w] == 0)[None, :, None]
+                e = torch.where(sel, self._fill(h_last, dummy_latent).to(e.dtype)[:, None], e)
+            if k == 0:
+                m4, one = full[:, :, :b, :b], False
+            elif w == 1:
+                m4, one = strict[:, :, a:b], True
+                kv.own = keep[:, a, None, None, None]
+            else:
+                m4, one = full[:, :, a:b], False
+            h = self._lm_pass_fn(one, dev)(e, m4, pos[:, a:b], kv)
+            if k < last or return_cache:
+                kv.commit(a, b)
             hs.append(h)
             h_last = h[:, -1]
-        hidden = torch.cat(hs, 1)[:, :p["T"]] if len(hs) > 1 else hs[0][:, :p["T"]]
-        return _State(hidden, mask, pos[:, :p["T"]], cache, len(p["bounds"]))
+        hidden = (torch.cat(hs, 1) if len(hs) > 1 else hs[0])[:, :plan.T]
+        cache = kv.to_dynamic_cache(self.lm.config) if return_cache else None
+        return _State(hidden, mask, pos[:, :plan.T], cache, len(lay.bounds))
 
     def _output(self, hidden, labels, n_passes) -> MMCoconutOutput:
         logits = self.lm.lm_head(hidden)
@@ -268,26 +298,33 @@ class MMCoconut(nn.Module):
         return MMCoconutOutput(loss=loss, logits=logits, n_passes=n_passes)
 
     def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None,
-                dummy_latent: Optional[str] = None, **unused) -> MMCoconutOutput:
-        """KV-cached multi-pass forward; loss = token CE over labels (HF shift, -100 ignored), mean over tokens."""
-        st = self._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent)
+                dummy_latent: Optional[str] = None, latent_plan: Optional[LatentPlan] = None,
+                **unused) -> MMCoconutOutput:
+        """KV-cached multi-pass forward; loss = token CE over labels (HF shift, -100 ignored), mean over tokens.
+        latent_plan (from the Collator): the host-side pass layout; with it the forward reads no device data."""
+        st = self._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent,
+                             plan=latent_plan, return_cache=False)
         return self._output(st.hidden, labels, st.n_passes)
 
     def naive_forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None,
                       dummy_latent: Optional[str] = None, special_prefix: Optional[int] = None,
                       **unused) -> MMCoconutOutput:
         """Reference without a cache: n + 1 full-sequence passes, pass k fills latents 0..k-1 and reads the hidden
-        state that feeds latent k. Same outputs as `forward` (local n; no cross-rank sync). special_prefix: as
-        in `_plan`."""
+        state that feeds latent k. Same outputs as `forward` (local n; no cross-rank sync). special_prefix: only
+        the first special_prefix columns hold <image>/<latent> tokens (generated tokens are plain)."""
         if dummy_latent not in DUMMY_MODES:
             raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy_latent!r}")
         self._maybe_register_zero3(in_forward=True)
-        p = self._plan(input_ids, attention_mask, pixel_values, position_ids, sync=False, prefix=special_prefix)
-        ids, mask, pos, is_lat = p["input_ids"], p["attention_mask"], p["position_ids"], p["is_lat"]
-        B, Tp = ids.shape
-        n, start = p["n"], p["start"]
-        base_src = [p["feats"]] if p["feats"] is not None else []
-        base_index = p["img_index"] if p["img_index"] is not None else torch.full_like(ids, -1)
+        plan = self._resolve_plan(input_ids, None, pixel_values, prefix=special_prefix or input_ids.shape[1])
+        n = plan.m_local
+        lay = plan.layout(n)
+        ids, mask, pos, img_index, feats = self._prepare(input_ids, attention_mask, pixel_values, position_ids,
+                                                         plan, lay)
+        B, Tp, start = ids.shape[0], lay.Tp, lay.start
+        ar = torch.arange(Tp, device=ids.device)
+        is_lat = (ar >= plan.first_latent) & (ar < plan.first_latent + plan.latent_counts[:, None])
+        base_src = [feats] if feats is not None else []
+        base_index = img_index if img_index is not None else torch.full_like(ids, -1)
         offset = sum(s.shape[0] for s in base_src)
         rows = torch.arange(B, device=ids.device)
         fills = []
@@ -301,7 +338,7 @@ class MMCoconut(nn.Module):
             h = self._run_lm(emb, mask, pos, None)
             if k < n:
                 fills.append(self._fill(h[:, start + k - 1], dummy_latent))
-        return self._output(h[:, :p["T"]], labels, n + 1)
+        return self._output(h[:, :plan.T], labels, n + 1)
 
     # ------------------------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask, pixel_values=None, position_ids=None, max_new_tokens: int = 64,
@@ -310,3 +347,22 @@ class MMCoconut(nn.Module):
         from .generate import generate
         return generate(self, input_ids, attention_mask, pixel_values, position_ids=position_ids,
                         max_new_tokens=max_new_tokens, dummy_latent=dummy_latent)
+
+
+def _grow(lay: Layout, extra: int) -> Layout:
+    """The same layout with `extra` more (masked) columns at the end (the last pass covers them)."""
+    Tp = lay.Tp + extra
+    return Layout(n=lay.n, start=lay.start, pad=lay.pad + extra, Tp=Tp,
+                  bounds=lay.bounds[:-1] + ((lay.bounds[-1][0], Tp),))
+
+
+def _check_plan(given: LatentPlan, actual: LatentPlan) -> None:
+    """Debug mode: a latent_plan must describe the batch's input_ids (e.g. not be left over from another batch)."""
+    same = (given.T, given.first_latent, given.m_local, tuple(given.image_counts)) == \
+        (actual.T, actual.first_latent, actual.m_local, tuple(actual.image_counts)) \
+        and torch.equal(given.latent_counts.cpu(), actual.latent_counts) \
+        and ((given.image_index is None) == (actual.image_index is None)) \
+        and (given.image_index is None or torch.equal(given.image_index.cpu(), actual.image_index))
+    if not same:
+        raise ValueError("latent_plan does not match input_ids (a plan from another batch, or input_ids changed "
+                         "after collation); drop the latent_plan key or re-collate")

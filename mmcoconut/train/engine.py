@@ -21,12 +21,18 @@ from .ds_ops import init_distributed  # noqa: F401  (python -m mmcoconut.train c
 FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1}
 FP16_KNOBS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+MMCOCONUT_KEY = "mmcoconut"  # run-config switches carried in the resolved ds dict to initialize()
 
 
 def ds_configs_dir() -> Path:
     """ds_configs/ of the source checkout (next to the package), else ./ds_configs."""
     here = Path(__file__).resolve().parents[2] / "ds_configs"
     return here if here.is_dir() else Path("ds_configs")
+
+
+def default_ds_config(world: int) -> Path:
+    """ZeRO-0 on one GPU (no partitioning overhead), ZeRO-2 on several."""
+    return ds_configs_dir() / ("zero0_1gpu.json" if world == 1 else f"zero2_{world}gpu.json")
 
 
 def world_size() -> int:
@@ -59,7 +65,7 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     """Load the ds_config file and apply the run config's overrides onto it. Raises ConfigError."""
     world = world or world_size()
     t = cfg.train
-    path = path or t.deepspeed_config or str(ds_configs_dir() / f"zero2_{world}gpu.json")
+    path = path or t.deepspeed_config or str(default_ds_config(world))
     p = Path(path)
     if not p.is_file():
         hint = _fitting_files(world, None)
@@ -107,6 +113,11 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError(f"ds_config {path}: fp16 and bf16 are both enabled; pick one (train.precision=...)")
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
+    if t.compile:
+        if _zero_stage(ds) == 3:
+            raise ConfigError(f"train.compile=true does not work with ZeRO-3 ({path}): its partitioned weights are "
+                              "gathered by hooks that torch.compile cannot trace; use ZeRO-0/1/2")
+        ds[MMCOCONUT_KEY] = {"compile": True}  # read (and removed) by initialize(); DeepSpeed never sees it
     _check_device_support(ds, path)
     return ds_ops.cpu_defaults(ds)
 
@@ -170,6 +181,9 @@ def initialize(model, ds: dict, lr_scheduler_factory):
     import deepspeed
     import torch
 
+    ds = dict(ds)
+    if ds.pop(MMCOCONUT_KEY, {}).get("compile"):
+        model.enable_compile()  # train.compile: the per-pass LM calls under torch.compile
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision_of(ds))
     if _zero_stage(ds) == 3 and half is not None:
         # ZeRO-3 casts only what HfDeepSpeedConfig/zero.Init built (from_pretrained parts); modules created

@@ -2,11 +2,14 @@
 //   out[r] = sources[index[r]] if index[r] >= 0 else weight[ids[r]]      (r = flattened (b, t))
 // Forward: one warp per output row; the row is copied as raw bytes in the widest unit (16/8/4/2/1 bytes)
 // that divides the row size and the base alignments, so odd D (e.g. 13 x fp32) falls back to narrower units.
-// Backward, per destination table (weight: token rows, sources: injected rows):
-//   default       - warp per grad row, atomicAdd into an opmath (fp32/fp64) buffer, cast at the end;
-//   deterministic - stable sort of rows by destination, chunked two-level segmented sum in position order.
-// Out-of-range ids/indices never touch memory: the row is skipped, a device flag is set and the host raises
-// IndexError after the launch (one 4-byte device->host read, which synchronises the stream).
+// Backward, per destination table (weight: token rows, sources: injected rows), gradient in the table's dtype:
+//   default       - fp32/fp64: warp per grad row, atomicAdd straight into the zeroed output; fp16/bf16: atomicAdd
+//                   into an fp32 accumulator of which only the used rows are zeroed, read and cast into the zeroed
+//                   output (no full-size fp32 fill or conversion). No host sync.
+//   deterministic - stable sort of rows by destination, chunked two-level segmented sum in position order (its
+//                   bookkeeping uses nonzero: one host sync per call, acceptable in that mode).
+// No device->host reads in the default paths: out-of-range ids/indices never touch memory (the forward writes a
+// zero row, the backward skips the row); mmcoconut.kernels checks the ranges on the host in debug mode.
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "inject_common.h"
 
@@ -34,7 +38,7 @@ template <typename Unit>
 __global__ void inject_forward_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ index,
                                       const Unit* __restrict__ weight, const Unit* __restrict__ sources,
                                       Unit* __restrict__ out, int64_t rows, int64_t units, int64_t V,
-                                      int64_t N, int* __restrict__ error) {
+                                      int64_t N) {
   const int lane = threadIdx.x % kWarp;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
@@ -47,25 +51,24 @@ __global__ void inject_forward_kernel(const int64_t* __restrict__ ids, const int
       const int64_t t = ids[r];  // token id read only at token positions
       if (t >= 0 && t < V) src = weight + t * units;
     }
-    if (src == nullptr) {
-      if (lane == 0) *error = 1;
+    Unit* dst = out + r * units;
+    if (src == nullptr) {  // out of range: a defined (zero) row, no error flag (no host sync)
+      for (int64_t u = lane; u < units; u += kWarp) dst[u] = Unit{};
       continue;
     }
-    Unit* dst = out + r * units;
     for (int64_t u = lane; u < units; u += kWarp) dst[u] = src[u];
   }
 }
 
 template <typename Unit>
 void launch_forward(const at::Tensor& ids, const at::Tensor& index, const at::Tensor& weight,
-                    const at::Tensor& sources, at::Tensor& out, int64_t row_bytes, at::Tensor& error) {
+                    const at::Tensor& sources, at::Tensor& out, int64_t row_bytes) {
   const int64_t rows = ids.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
   inject_forward_kernel<Unit><<<num_blocks(rows), kThreads, 0, stream>>>(
       ids.data_ptr<int64_t>(), index.data_ptr<int64_t>(), static_cast<const Unit*>(weight.data_ptr()),
       static_cast<const Unit*>(sources.data_ptr()), static_cast<Unit*>(out.data_ptr()), rows,
-      row_bytes / static_cast<int64_t>(sizeof(Unit)), weight.size(0), sources.size(0),
-      error.data_ptr<int>());
+      row_bytes / static_cast<int64_t>(sizeof(Unit)), weight.size(0), sources.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -90,14 +93,11 @@ at::Tensor inject_forward(const at::Tensor& ids_in, const at::Tensor& weight_in,
            reinterpret_cast<uintptr_t>(sources.data_ptr()) % a == 0 &&
            reinterpret_cast<uintptr_t>(out.data_ptr()) % a == 0;
   };
-  auto error = at::zeros({1}, ids.options().dtype(at::kInt));
-  if (aligned(16)) launch_forward<uint4>(ids, index, weight, sources, out, row_bytes, error);
-  else if (aligned(8)) launch_forward<uint2>(ids, index, weight, sources, out, row_bytes, error);
-  else if (aligned(4)) launch_forward<uint32_t>(ids, index, weight, sources, out, row_bytes, error);
-  else if (aligned(2)) launch_forward<uint16_t>(ids, index, weight, sources, out, row_bytes, error);
-  else launch_forward<uint8_t>(ids, index, weight, sources, out, row_bytes, error);
-  TORCH_CHECK_INDEX(error.item<int>() == 0, "inject_embeddings: out-of-range token id or source_index (V=",
-                    weight.size(0), ", N=", sources.size(0), ")");
+  if (aligned(16)) launch_forward<uint4>(ids, index, weight, sources, out, row_bytes);
+  else if (aligned(8)) launch_forward<uint2>(ids, index, weight, sources, out, row_bytes);
+  else if (aligned(4)) launch_forward<uint32_t>(ids, index, weight, sources, out, row_bytes);
+  else if (aligned(2)) launch_forward<uint16_t>(ids, index, weight, sources, out, row_bytes);
+  else launch_forward<uint8_t>(ids, index, weight, sources, out, row_bytes);
   return out;
 }
 
@@ -115,6 +115,34 @@ __global__ void scatter_add_kernel(const scalar_t* __restrict__ grad, const int6
     const scalar_t* g = grad + r * D;
     acc_t* dst = buf + k * D;
     for (int64_t d = lane; d < D; d += kWarp) atomicAdd(dst + d, static_cast<acc_t>(g[d]));
+  }
+}
+
+// Half-precision default path: zero, then (after the atomics) cast, exactly the accumulator rows that receive
+// gradient. Several warps may zero or copy the same row (same values): benign.
+template <typename acc_t>
+__global__ void zero_used_rows_kernel(const int64_t* __restrict__ keys, acc_t* __restrict__ buf, int64_t rows,
+                                      int64_t D, int64_t K) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
+       r += stride) {
+    const int64_t k = keys[r];
+    if (k < 0 || k >= K) continue;
+    for (int64_t d = lane; d < D; d += kWarp) buf[k * D + d] = acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void cast_used_rows_kernel(const int64_t* __restrict__ keys, const acc_t* __restrict__ buf,
+                                      scalar_t* __restrict__ out, int64_t rows, int64_t D, int64_t K) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
+       r += stride) {
+    const int64_t k = keys[r];
+    if (k < 0 || k >= K) continue;
+    for (int64_t d = lane; d < D; d += kWarp) out[k * D + d] = static_cast<scalar_t>(buf[k * D + d]);
   }
 }
 
@@ -199,16 +227,28 @@ at::Tensor reduce_rows(const at::Tensor& grad, const at::Tensor& keys, int64_t K
     });
     return out;
   }
-  auto buf = at::zeros({K, D}, grad.options().dtype(acc_type));
-  if (rows > 0 && K > 0 && D > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "inject_scatter_add", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+  auto out = at::zeros({K, D}, grad.options());  // the gradient, in the table's dtype
+  if (rows == 0 || K == 0 || D == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "inject_scatter_add", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {  // fp32 / fp64: accumulate in the output itself
+      scatter_add_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), keys.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), rows, D, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {  // fp16 / bf16: fp32 accumulator, only its used rows are written and read
+      auto buf = at::empty({K, D}, grad.options().dtype(acc_type));
+      zero_used_rows_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(keys.data_ptr<int64_t>(),
+                                                                    buf.data_ptr<acc_t>(), rows, D, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       scatter_add_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
           grad.data_ptr<scalar_t>(), keys.data_ptr<int64_t>(), buf.data_ptr<acc_t>(), rows, D, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return buf.scalar_type() == grad.scalar_type() ? buf : buf.to(grad.scalar_type());
+      cast_used_rows_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          keys.data_ptr<int64_t>(), buf.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), rows, D, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
 }
 
 // Returns [grad_weight [V,D] or None, grad_sources [N,D] or None].

@@ -1,0 +1,171 @@
+"""Benchmark: the latent forward's hot path on CPU proxies (issue 12). Runs against any checkout (--code DIR) so
+the same batches measure the code before and after.
+
+GPT-2 124M config (random weights, vocab 50262) + a tiny frozen CLIP tower (1 pooled image token: the LM is what is
+measured), B=8, rows = <image> + 40 question + START + n latents + END + 20 answer tokens.
+  syncs    device->host reads in forward+backward of one micro-batch (mmcoconut.model.probes.HostSyncCounter)
+  vd       ops producing a [V, D] tensor during backward (VDGradCounter), by op
+  saved    bytes autograd keeps for backward during the forward (saved_activation_bytes; parameters excluded)
+  ops      profiler op events per extra latent pass: events(n + 1 latents) - events(n), forward+backward
+  a/c      cached latent forward+backward / plain forward+backward over the same tokens (latents replaced by an
+           ordinary token: one LM call), interleaved repeats; min / median / max of the per-repeat ratio
+
+    python bench/bench_hotpath.py [--code DIR] [--what syncs,vd,saved,ops,ac] [--n 4,8] [--reps 7] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def load_probes():
+    spec = importlib.util.spec_from_file_location("mmc_probes", HERE / "mmcoconut" / "model" / "probes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(small: bool):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+
+    from mmcoconut.model.latent import MMCoconut
+    from mmcoconut.model.projector import build_projector
+    from mmcoconut.tokens import SpecialIds
+    torch.manual_seed(0)
+    lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=4, n_head=4) if small else GPT2Config(vocab_size=50262)
+    lcfg.attn_pdrop = lcfg.resid_pdrop = lcfg.embd_pdrop = 0.0  # same work and numerics in every variant
+    vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=32, patch_size=16)
+    V = lcfg.vocab_size
+    ids = SpecialIds(image=V - 5, start=V - 4, latent=V - 3, end=V - 2, pad=V - 1, eos=0)
+    lm = GPT2LMHeadModel(lcfg)
+    model = MMCoconut(lm, CLIPVisionModel(vcfg).requires_grad_(False), build_projector("mlp2x_gelu", 64, lcfg.n_embd),
+                      ids, 1)
+    return model.train()
+
+
+def make_batch(model, B: int, n: int, seed: int = 0, plain: bool = False):
+    ids, V = model.ids, model.lm.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda k: torch.randint(1, V - 5, (B, k), generator=g)  # noqa: E731
+    parts = [torch.full((B, 1), ids.image), rnd(40), torch.full((B, 1), ids.start),
+             torch.full((B, n), 7 if plain else ids.latent), torch.full((B, 1), ids.end), rnd(20)]
+    input_ids = torch.cat(parts, 1)
+    labels = input_ids.clone()
+    labels[:, :43 + n] = -100
+    b = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+         "position_ids": torch.arange(input_ids.shape[1]).expand(B, -1).contiguous(),
+         "pixel_values": torch.randn(B, 3, 32, 32, generator=g)}
+    b = {k: v.to(DEVICE) for k, v in b.items()}
+    try:  # the hot-path code: the Collator's host-side plan
+        from mmcoconut.model.plan import plan_batch
+        b["latent_plan"] = plan_batch(input_ids, ids.latent, ids.image).to(DEVICE)
+    except ImportError:
+        pass
+    return b
+
+
+DEVICE = torch.device("cpu")
+
+
+def fwd_bwd(model, b):
+    model.zero_grad(set_to_none=True)
+    out = model(**b)
+    out.loss.backward()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def measure_syncs_vd(model, b, P):
+    model.zero_grad(set_to_none=True)
+    with P.HostSyncCounter() as c:
+        out = model(**b)
+        with P.VDGradCounter(model.lm.transformer.wte.weight.shape) as vd:
+            out.loss.backward()
+    return {"syncs": c.total, "sync_ops": dict(c.counts), "vd": dict(vd.counts), "loss": out.loss.item()}
+
+
+def measure_ops(model, B, n):
+    from torch.profiler import ProfilerActivity, profile
+    counts = []
+    for k in (n, n + 1):
+        b = make_batch(model, B, k, seed=1)
+        fwd_bwd(model, b)  # warm-up (and compile)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fwd_bwd(model, b)
+        ev = prof.key_averages()
+        counts.append((sum(e.count for e in ev if e.key.startswith("aten::")), sum(e.count for e in ev)))
+    return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0], "events_per_latent_pass": counts[1][1] - counts[0][1]}
+
+
+def measure_ac(model, B, n, reps):
+    a_b, c_b = make_batch(model, B, n, seed=2), make_batch(model, B, n, seed=2, plain=True)
+    fwd_bwd(model, a_b), fwd_bwd(model, c_b)  # warm-up
+    ta, tc = [], []
+    for _ in range(reps):
+        for b, out in ((a_b, ta), (c_b, tc)):
+            t0 = time.perf_counter()
+            fwd_bwd(model, b)
+            out.append(time.perf_counter() - t0)
+    ratios = sorted(x / y for x, y in zip(ta, tc))
+    return {"a_ms": [round(1e3 * f(ta), 1) for f in (min, statistics.median, max)],
+            "c_ms": [round(1e3 * f(tc), 1) for f in (min, statistics.median, max)],
+            "a/c": [round(f(ratios), 3) for f in (min, statistics.median, max)],
+            "a/c_of_medians": round(statistics.median(ta) / statistics.median(tc), 3)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--code", default=str(HERE), help="checkout whose mmcoconut package is measured")
+    ap.add_argument("--what", default="syncs,vd,saved,ops,ac")
+    ap.add_argument("--n", default="4,8", help="latent counts for a/c")
+    ap.add_argument("--saved-n", type=int, default=6, help="latents for the saved-bytes figure (stage 3 x c=2)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="model.enable_compile() (hot-path code only)")
+    ap.add_argument("--small", action="store_true", help="a small LM (smoke test)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, args.code)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    P = load_probes()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    model = build(args.small).to(DEVICE)
+    if args.compile:
+        model.enable_compile()
+    what, B = args.what.split(","), args.batch
+    res = {"code": args.code, "device": args.device, "batch": B, "threads": torch.get_num_threads(), "compile": args.compile,
+           "torch": torch.__version__}
+    if "syncs" in what or "vd" in what:
+        b = make_batch(model, B, 4, seed=3)
+        fwd_bwd(model, b)
+        res["n4"] = measure_syncs_vd(model, b, P)
+    if "saved" in what:
+        b = make_batch(model, B, args.saved_n, seed=4)
+        _, res["saved_MiB_latent"] = P.saved_activation_bytes(lambda: model(**b), exclude=list(model.parameters()))
+        _, res["saved_MiB_plain"] = P.saved_activation_bytes(
+            lambda: model(**make_batch(model, B, args.saved_n, seed=4, plain=True)), exclude=list(model.parameters()))
+        res["saved_MiB_latent"] = round(res["saved_MiB_latent"] / 2**20, 1)
+        res["saved_MiB_plain"] = round(res["saved_MiB_plain"] / 2**20, 1)
+    if "ops" in what:
+        res["ops"] = measure_ops(model, B, 4)
+    if "ac" in what:
+        res["ac"] = {n: measure_ac(model, B, int(n), args.reps) for n in args.n.split(",")}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
