@@ -41,9 +41,9 @@ def world_size() -> int:
 
 def _fitting_files(world: int, like: Optional[Path], global_batch: Optional[int] = None) -> list[tuple[str, int]]:
     """(path, global batch) of ds_configs/ files whose batch arithmetic fits `world`: those with `global_batch`
-    first, then the same family (zero2, zero3_offload, ...) as `like`."""
+    first, then the same family (zero2, zero3_offload, ...) as `like`, top-level files before ds_configs/cpu/."""
     fits = []
-    for p in sorted(ds_configs_dir().glob("*.json")):
+    for p in sorted(ds_configs_dir().glob("**/*.json")):
         try:
             c = json.loads(p.read_text())
             if c["train_batch_size"] == (c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"]
@@ -53,7 +53,7 @@ def _fitting_files(world: int, like: Optional[Path], global_batch: Optional[int]
             continue
     fam = lambda p: p.stem.rsplit("_", 1)[0]  # noqa: E731
     family = fam(like) if like is not None and any(fam(p) == fam(like) for p, _ in fits) else "zero2"
-    fits.sort(key=lambda f: (f[1] != global_batch, fam(f[0]) != family))
+    fits.sort(key=lambda f: (f[1] != global_batch, fam(f[0]) != family, f[0].parent != ds_configs_dir()))
     return [(str(p), g) for p, g in fits]
 
 
