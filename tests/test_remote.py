@@ -110,6 +110,23 @@ def test_http_and_pipe_streams_equal_local(served, tiny_tokenizer, tiny_processo
             _same(a, b)
 
 
+def test_pipe_failures_are_errors_not_hangs(served, caplog):
+    d, _ = served
+    tar = d / "train-000000.tar"
+    skips = SkipCounter()
+    reader = ShardReader(skips, retries=0, timeout=0.5)
+    cases = {f"pipe:head -c 6000 {tar}; exit 3": "OSError: command exited with status 3",
+             f"pipe:sleep 60; cat {tar}": "TimeoutError: command gave no output for 0.5 s",
+             f"pipe:head -c 6000 {tar}": "ReadError: "}  # exit 0, the tar cut short
+    for url, msg in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            got = list(reader.read([url]))
+        assert f"shard {url}: gave up after 1 attempt" in caplog.text and msg in caplog.text, caplog.text
+        assert len(got) < 5
+    assert skips.total == 3
+
+
 def test_break_mid_shard_is_retried_without_loss_or_repeat(served, tiny_tokenizer, tiny_processor, caplog):
     d, srv = served
     cfg = remote_cfg()

@@ -3,7 +3,9 @@ URLs (s3://, gs://, ... when the backend is installed: `pip install 'mmcoconut[s
 
 - http(s) is read with urllib (a timeout per socket read; a connection that ends before Content-Length raises
   instead of looking like a clean end, which the streaming tar reader cannot tell apart).
-- `pipe:CMD` runs CMD through webdataset's gopen (its stdout is the shard; a non-zero exit is an error).
+- `pipe:CMD` runs CMD in a shell (WebDataset's convention; its stdout is the shard); a read that waits longer than
+  the timeout or a non-zero exit is an error. (webdataset's own Pipe has no read timeout: a stalled command would
+  block the worker for good.)
 - other schemes go through fsspec; a missing backend is one clear error naming the extra to install.
 Retries and skip accounting are not here (shardlist.ShardReader); this module only opens, reads and writes.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import select
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -88,6 +92,47 @@ class _HTTPStream(io.RawIOBase):
         super().close()
 
 
+class _PipeStream(io.RawIOBase):
+    """stdout of a `pipe:` command: raises when no byte arrives for `timeout` s, and at the end of the output
+    when the command exited with an error."""
+
+    def __init__(self, cmd: str, timeout: float):
+        self.cmd, self.timeout = cmd, timeout
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not select.select([self.fd], [], [], self.timeout)[0]:
+            raise TimeoutError(f"command gave no output for {self.timeout:g} s")
+        data = os.read(self.fd, len(b))
+        if not data:
+            err = self.failure(wait=None)
+            if err is not None:
+                raise err
+        b[:len(data)] = data
+        return len(data)
+
+    def failure(self, wait: Optional[float] = 2.0) -> Optional[OSError]:
+        """The command's error exit (the real cause of an empty or short output), if it has exited with one."""
+        try:
+            rc = self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return None
+        return OSError(f"command exited with status {rc}") if rc != 0 else None
+
+    def close(self) -> None:
+        """Stops the command if it is still running (a stream abandoned before its end)."""
+        if not self.closed:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the shell and what it started (its own session)
+            self.proc.stdout.close()
+            self.proc.wait()
+        super().close()
+
+
 def open_stream(url: str, timeout: float):
     """A readable binary stream of the whole object (a shard)."""
     k = kind(url)
@@ -96,35 +141,16 @@ def open_stream(url: str, timeout: float):
     if k == "http":
         return io.BufferedReader(_HTTPStream(url, timeout), 1 << 20)
     if k == "pipe":
-        from webdataset.gopen import gopen
-        return gopen(url, "rb")
+        return io.BufferedReader(_PipeStream(url[len(PIPE):], timeout), 1 << 16)
     fs, path = fsspec_fs(url)
     return fs.open(path, "rb")
 
 
-def close_stream(stream, abandon: bool) -> None:
-    """Close; abandon=True (not read to the end) stops a pipe's command instead of waiting for it to finish.
-    A pipe read to the end raises here when its command failed (webdataset checks the exit status)."""
-    proc = getattr(stream, "proc", None)
-    if proc is not None and abandon:
-        proc.kill()
-        stream.stream.close()
-        proc.wait()
-        return
-    stream.close()
-
-
 def pipe_failure(stream) -> Optional[OSError]:
-    """For a pipe: whose read failed, the real cause when its command exited with an error status (the tar
-    reader only sees an empty or short stream)."""
-    proc = getattr(stream, "proc", None)
-    if proc is None:
-        return None
-    try:
-        rc = proc.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        return None
-    return OSError(f"command exited with status {rc}") if rc not in (0, 141) else None
+    """For a pipe: stream whose read failed: its command's error exit, the real cause (the tar reader only sees
+    an empty or short stream)."""
+    raw = getattr(stream, "raw", None)
+    return raw.failure() if isinstance(raw, _PipeStream) else None
 
 
 def is_permanent(exn: BaseException) -> bool:

@@ -120,11 +120,11 @@ def count_samples(url: str, timeout: float = 60.0) -> int:
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tf:
             n = len({m.name.split(".", 1)[0] for m in tf if m.isfile()})
-        while stream.read(1 << 16):  # padding, so that a pipe's command exits normally
+        while stream.read(1 << 16):  # padding; a pipe's end of output checks its exit status
             pass
         return n
     finally:
-        remote.close_stream(stream, abandon=False)
+        stream.close()
 
 
 def _fetch_sizes(where: str, timeout: float, retries: int) -> tuple[dict, str]:
@@ -203,7 +203,7 @@ class ShardReader:
 
     def _attempt(self, url: str, limit: Optional[int], read: list):
         """Open `url` once and yield its samples after the first read[0] (yielded before), counting in read[0]."""
-        stream, complete = remote.open_stream(url, self.timeout), False
+        stream = remote.open_stream(url, self.timeout)
         try:
             files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
             for n, raw in enumerate(group_by_keys(files, handler=self.skips.handler), 1):
@@ -213,21 +213,12 @@ class ShardReader:
                 yield raw
                 if limit is not None and n >= limit:
                     return
-            while stream.read(1 << 16):  # the tar's zero padding: a pipe's command then exits normally
+            while stream.read(1 << 16):  # the tar's zero padding; a pipe's end of output checks its exit status
                 pass
-            complete = True
         except Exception as exn:
             raise (remote.pipe_failure(stream) or exn) from None
         finally:
-            if not complete:
-                try:
-                    remote.close_stream(stream, abandon=True)
-                except Exception:  # the error that matters is being raised already
-                    pass
-        try:
-            remote.close_stream(stream, abandon=False)
-        except Exception as exn:  # a pipe whose command failed
-            raise (remote.pipe_failure(stream) or exn) from None
+            stream.close()  # a pipe's command still running (abandoned early) is stopped
 
     def shard(self, url: str, limit: Optional[int] = None):
         """Yield the raw samples of `url` (at most `limit`). Returns None when the shard was read to its end,
