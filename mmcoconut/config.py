@@ -44,7 +44,7 @@ class DataConfig:
     overlong: str = _choice("error", "error", "skip")  # what to do with sequences over model.max_length
     shard_retries: int = 3  # re-open a shard that fails or breaks mid-stream this often, then skip it (counted)
     shard_retry_wait: float = 1.0  # seconds before the first retry; doubles per retry (jittered, at most 60)
-    shard_timeout: float = 60.0  # seconds an http(s) read may stall before it counts as a failure
+    shard_timeout: float = 60.0  # seconds an http(s) or pipe: read may wait for data before it counts as failed
 
 
 @dataclass
