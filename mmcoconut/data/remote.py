@@ -109,7 +109,7 @@ class _PipeStream(io.RawIOBase):
             raise TimeoutError(f"command gave no output for {self.timeout:g} s")
         data = os.read(self.fd, len(b))
         if not data:
-            err = self.failure(wait=None)
+            err = self.failure(wait=self.timeout)
             if err is not None:
                 raise err
         b[:len(data)] = data
@@ -127,7 +127,10 @@ class _PipeStream(io.RawIOBase):
         """Stops the command if it is still running (a stream abandoned before its end)."""
         if not self.closed:
             if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the shell and what it started (its own session)
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the shell and what it started (its own session)
+                except ProcessLookupError:  # exited meanwhile
+                    pass
             self.proc.stdout.close()
             self.proc.wait()
         super().close()
