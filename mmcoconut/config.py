@@ -35,14 +35,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # shard dir, brace pattern (dir/train-{000000..000009}.tar) or '::'-joined list
+    train_shards: str = ""  # dir, dir/train, brace pattern, https:// or s3:// URL, pipe:CMD; '::' joins several
     val_shards: str = ""
-    samples_per_epoch: Optional[int] = None  # default: from sizes.json next to the shards
+    samples_per_epoch: Optional[int] = None  # default: from sizes.json next to the shards (fetched for URLs)
     shuffle_buffer: int = 1000
-    resampled: bool = False  # sample shards with replacement (no node split needed)
+    resampled: bool = False  # draw shards with replacement per rank and worker (fewer shards than ranks x workers)
     num_workers: int = 2
     overlong: str = _choice("error", "error", "skip")  # what to do with sequences over model.max_length
     max_skip_fraction: Optional[float] = 0.05  # stop when this fraction of training samples was skipped (None: never)
+    shard_retries: int = 3  # re-open a shard that fails or breaks mid-stream this often, then skip it (counted)
+    shard_retry_wait: float = 1.0  # seconds before the first retry; doubles per retry (jittered, at most 60)
+    shard_timeout: float = 60.0  # seconds an http(s) or pipe: read may wait for data before it counts as failed
 
 
 @dataclass

@@ -7,6 +7,8 @@
 
 Output: <out>/<split>-000000.tar ... (<key>.jpg + <key>.json), <out>/sizes.json, <out>/steps.json,
 <out>/errors.jsonl.
+--out may be remote: an fsspec URL (s3://bucket/shards/aokvqa, with mmcoconut[s3]) or 'pipe:CMD' with {} for the
+file name ('pipe:aws s3 cp - s3://bucket/shards/aokvqa/{}'); each shard is uploaded when closed, sizes.json last.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mmcoconut.data import sources  # noqa: E402
+from mmcoconut.data import remote, sources  # noqa: E402
 from mmcoconut.data.sharding import SPLIT_NAME, write_shards  # noqa: E402
 
 N_ERRORS_SHOWN = 5
@@ -37,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="A-OKVQA: train|val|test (required); otherwise the shard name prefix "
                                    "(default: train)")
     p.add_argument("--seed", type=int, default=0, help="synthetic generator seed (default: 0)")
-    p.add_argument("--out", type=Path, help="output dir (default: shards/aokvqa, shards/<json stem> or "
-                                            "shards/synthetic)")
+    p.add_argument("--out", help="output dir (default: shards/aokvqa, shards/<json stem> or shards/synthetic), "
+                                 "or a remote one: an fsspec URL (s3://bucket/dir, needs mmcoconut[s3]) or a "
+                                 "command reading each file from stdin, '{}' standing for its name "
+                                 "('pipe:aws s3 cp - s3://bucket/dir/{}'); shards are uploaded as they are closed")
     p.add_argument("--image-size", type=int, default=224,
                    help="resize so the shorter side is this many pixels, aspect kept (0: keep size; default 224)")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
@@ -91,24 +95,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--split must match {SPLIT_NAME.pattern} (it names the shard files), got {args.split!r}")
     if args.maxcount < 1:
         parser.error(f"--maxcount must be >= 1, got {args.maxcount}")
+    if args.out is not None and remote.kind(args.out) != "local":
+        try:
+            remote.Target(args.out)  # a bad target fails before any work
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         items, total, out_dir = _resolve(args, parser)
     except ValueError as exc:  # e.g. the json file is not a list
         parser.error(str(exc))
 
-    summary = write_shards(items, out_dir, args.split, maxcount=args.maxcount, image_size=args.image_size,
-                           workers=args.workers, max_errors=args.max_errors, total=total,
-                           progress=not args.no_progress)
+    try:
+        summary = write_shards(items, out_dir, args.split, maxcount=args.maxcount, image_size=args.image_size,
+                               workers=args.workers, max_errors=args.max_errors, total=total,
+                               progress=not args.no_progress)
+    except OSError as exc:  # an upload that failed (remote --out)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for note in summary["warnings"]:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"{summary['split']}: wrote {summary['written']} samples in {summary['shards']} shards to "
           f"{summary['out_dir']}, skipped {summary['skipped']}, {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']:.1f} samples/s)")
     for err in summary["errors"][:N_ERRORS_SHOWN]:
         print(f"  skipped {err['key']}: {err['reason']}")
     if summary["skipped"] > N_ERRORS_SHOWN:
-        print(f"  ... {summary['skipped'] - N_ERRORS_SHOWN} more in {out_dir}/errors.jsonl")
+        print(f"  ... {summary['skipped'] - N_ERRORS_SHOWN} more in {summary['errors_at']}")
     if not summary["ok"]:
         print(f"error: {summary['skipped']} skipped items > --max-errors {args.max_errors} "
-              f"(see {out_dir}/errors.jsonl)", file=sys.stderr)
+              f"(see {summary['errors_at']})", file=sys.stderr)
         return 1
     return 0
 

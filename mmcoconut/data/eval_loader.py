@@ -11,7 +11,8 @@ from webdataset import WebLoader
 from .collate import Collator, GenerationCollator
 from .curriculum import build_example, build_prompt
 
-from .pipeline import RowBuilder, SkipCounter, _read, _worker, expand_shards, ignore_stop_signals, shard_sizes
+from .pipeline import (RowBuilder, ShardReader, SkipCounter, _worker, expand_shards, ignore_stop_signals,
+                       shard_sizes)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class _EvalStream(torch.utils.data.IterableDataset):
         return L.rows.build(raw, build_prompt, view=L.view, stage=L.stage, cur=L.cur, n_latents=L.n_latents)
 
     def _template(self) -> dict:
-        for raw in _read(self.L.urls, self.L.skips):
+        for raw in self.L.reader.read(self.L.urls):
             row = self._row(raw)
             if row is not None:
                 return dict(row, valid=False)
@@ -50,7 +51,7 @@ class _EvalStream(torch.utils.data.IterableDataset):
         if not mine:
             return
         rows, cur, tmpl, k = [], mine[0], [], 0
-        for i, raw in enumerate(_read(L.urls, L.skips)):
+        for i, raw in enumerate(L.reader.read(L.urls)):
             if i >= L.total:
                 break
             if i % L.world_size != L.rank:
@@ -92,15 +93,18 @@ class EvalLoader:
     def __init__(self, shards: str, tokenizer, image_processor, cfg, *, view: str, n_latents: Optional[int],
                  batch_size: int, rank: int, world_size: int, n_image_tokens: int, max_samples: Optional[int] = None,
                  stage: Optional[int] = None, with_labels: bool = False):
-        self.urls = expand_shards(shards)
+        d = cfg.data
+        self.urls = expand_shards(shards, timeout=d.shard_timeout)
         self.view, self.n_latents, self.batch_size, self.with_labels = view, n_latents, batch_size, with_labels
         self.rank, self.world_size, self.cur = rank, world_size, cfg.curriculum
         self.stage = cfg.curriculum.max_latent_stage if stage is None else stage
-        total = sum(shard_sizes(self.urls, count_missing=True))
+        sizes = shard_sizes(self.urls, count_missing=True, timeout=d.shard_timeout)
+        total = sum(sizes)
         self.total = total if max_samples is None else min(total, max_samples)
         self.num_batches = math.ceil(math.ceil(self.total / world_size) / batch_size)
         self.num_workers = min(cfg.data.num_workers, self.num_batches)
         self.skips = SkipCounter()
+        self.reader = ShardReader.from_config(d, self.skips, dict(zip(self.urls, sizes)))
         self.rows = RowBuilder(tokenizer, image_processor, cfg, n_image_tokens, self.skips)
         ids = self.rows.ids
         self.collator = (Collator if with_labels else GenerationCollator)(ids, ids.pad)

@@ -7,7 +7,10 @@ Training stream of one rank, per logical worker w of W = max(1, num_workers) (op
   (PIL, JPEG draft) -> CLIP processor -> batches of micro_batch_size (Collator) in the worker.
 Worker w yields batches w, w+W, ... of the rank's `len(loader)`; the DataLoader's round robin interleaves them
 in order. Resume: a rebuilt stream skips the consumed part without decoding images, and worker ids are rotated
-by `batches_consumed % W` so the next batch still comes first.
+by `batches_consumed % W` so the next batch still comes first. Shards come from shardlist.ShardReader (local,
+http(s), pipe:, fsspec; retried, then skipped and counted); the shards given up on are part of the state and
+are replayed on resume, so the continuation is exact even when the shard is readable again. A resumed stream
+re-reads (for remote shards: re-downloads) this worker's part of the epoch up to the position.
 """
 from __future__ import annotations
 
@@ -24,14 +27,14 @@ from .collate import Collator
 from .curriculum import SharedStage, build_example, sample_rng
 
 from .pipeline import (MAX_CONSECUTIVE_FAILURES, SKIP_REASONS, FastClipPreprocess, RowBuilder,  # noqa: F401
-                       SkipCounter, _read, _worker, expand_shards, ignore_stop_signals, shard_sizes)
+                       ShardReader, SkipCounter, _worker, expand_shards, ignore_stop_signals, shard_sizes)
 
 log = logging.getLogger(__name__)
 
 
 class _TrainStream(torch.utils.data.IterableDataset):
-    def __init__(self, L: "StreamingLoader", start: int, skip_raw: list[Optional[int]]):
-        self.L, self.start, self.skip_raw = L, start, skip_raw
+    def __init__(self, L: "StreamingLoader", start: int, skip_raw: list[Optional[int]], replay: list[dict]):
+        self.L, self.start, self.skip_raw, self.replay = L, start, skip_raw, replay
 
     def _passes(self, w: int) -> Iterator[Iterable[str]]:
         """This worker's shards, one list per pass (resampled: one endless pass)."""
@@ -48,13 +51,22 @@ class _TrainStream(torch.utils.data.IterableDataset):
             yield list(mine)
             rng.shuffle(mine)
 
-    def _samples(self, w: int) -> Iterator[dict]:
+    def _tars(self, urls: Iterable[str], p: int, failures: dict) -> Iterator[dict]:
+        """Raw samples of pass p's shards. A shard given up on after its retries is recorded in `failures` as
+        (pass, index) -> samples read; a resumed stream replays such a record (reads that many, then moves on)
+        so that it repeats the interrupted run's samples even when the shard is readable again."""
+        for i, u in enumerate(urls):
+            stopped = yield from self.L.reader.shard(u, limit=failures.get((p, i)))
+            if stopped is not None:
+                failures[(p, i)] = stopped
+
+    def _samples(self, w: int, failures: dict) -> Iterator[dict]:
         """Raw samples, shuffled per pass: the buffer drains at each pass end, so when sizes divide evenly an
         epoch reads every sample exactly once."""
         L, empty = self.L, 0
         rng = random.Random(f"{L.seed}:{L.epoch}:{L.rank}:{w}:samples")
-        for urls in self._passes(w):
-            stream, got = _read(urls, L.skips), 0
+        for p, urls in enumerate(self._passes(w)):
+            stream, got = self._tars(urls, p, failures), 0
             if L.shuffle_buffer > 1:
                 stream = wds_shuffle(L.shuffle_buffer, initial=L.shuffle_buffer, rng=rng)(stream)
             for raw in stream:
@@ -73,7 +85,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
         remaining = len(todo) - done
         if remaining <= 0:
             return
-        stream = self._samples(w)
+        failures = dict(self.replay[w])
+        stream = self._samples(w, failures)
         stage = L.stage.get()
         skip_raw = self.skip_raw[w]  # None: position unknown (other rank's state) -> skip rows cheaply
         skip_rows = done * L.micro if skip_raw is None else 0
@@ -101,7 +114,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
             rows.append(row)
             if len(rows) == L.micro:
                 batch = L.collator(rows)
-                batch["_pos"], batch["_skips"] = (w, pos), L.skips.take()  # skips since the previous batch
+                batch["_pos"] = (w, pos, [[p, i, n] for (p, i), n in sorted(failures.items())])
+                batch["_skips"] = L.skips.take()  # skips since the previous batch
                 rows = []
                 yield batch
                 remaining -= 1
@@ -133,15 +147,17 @@ class StreamingLoader:
     def __init__(self, shards: str, tokenizer, image_processor, cfg, *, rank: int, world_size: int,
                  micro_batch_size: int, n_image_tokens: int, seed: int):
         d = cfg.data
-        self.urls = expand_shards(shards)
+        self.urls = expand_shards(shards, timeout=d.shard_timeout)
         self.spec, self.rank, self.world_size, self.micro, self.seed = shards, rank, world_size, micro_batch_size, seed
         self.cur, self.resampled, self.shuffle_buffer = cfg.curriculum, d.resampled, d.shuffle_buffer
         self.num_workers = d.num_workers
         self.W = max(1, d.num_workers)
-        self.samples_per_epoch = d.samples_per_epoch or sum(shard_sizes(self.urls))
+        sizes = None if d.samples_per_epoch else shard_sizes(self.urls, timeout=d.shard_timeout)
+        self.samples_per_epoch = d.samples_per_epoch or sum(sizes)
         self.num_batches = batches_per_rank(shards, self.samples_per_epoch, world_size, micro_batch_size)
         check_worker_shards(shards, len(self.urls), world_size, d.num_workers, self.resampled)
         self.skips = SkipCounter()
+        self.reader = ShardReader.from_config(d, self.skips, dict(zip(self.urls, sizes)) if sizes else None)
         self.rows = RowBuilder(tokenizer, image_processor, cfg, n_image_tokens, self.skips)
         ids = self.rows.ids
         self.collator = Collator(ids, ids.pad)
@@ -150,6 +166,7 @@ class StreamingLoader:
         self._positions: list[Optional[int]] = [0] * self.W  # raw samples read per logical worker
         self.skip_counts = dict.fromkeys(SKIP_REASONS, 0)  # samples skipped (per reason) in consumed batches
         self.pin_memory = False  # pin batches (DataLoader thread) for non_blocking host->GPU copies
+        self._failures: list[list] = [[] for _ in range(self.W)]  # per logical worker: [pass, index, read]
 
     def __len__(self) -> int:
         return self.num_batches
@@ -162,6 +179,7 @@ class StreamingLoader:
         """A new epoch restarts the count; the current one (e.g. after load_state_dict) is kept."""
         if epoch != self.epoch:
             self.epoch, self.consumed, self._positions = epoch, 0, [0] * self.W
+            self._failures = [[] for _ in range(self.W)]
 
     def set_stage(self, stage: int) -> None:
         self.stage.set(stage)
@@ -169,7 +187,8 @@ class StreamingLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "stage": self.stage.get(), "batches_consumed": self.consumed,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "num_workers": self.W,
-                "positions": list(self._positions), "skips": dict(self.skip_counts)}
+                "positions": list(self._positions), "skips": dict(self.skip_counts),
+                "shard_failures": [list(f) for f in self._failures]}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue at sd's next batch. Raw-sample positions are used when sd is this rank's (exact even over
@@ -182,17 +201,20 @@ class StreamingLoader:
         same = sd.get("rank") == self.rank and sd.get("num_workers") == self.W and sd.get("positions")
         self._positions = list(sd["positions"]) if same else [None] * self.W
         self.skip_counts = {r: int((sd.get("skips") or {}).get(r, 0)) for r in SKIP_REASONS}
+        self._failures = [list(f) for f in sd.get("shard_failures") or [[]] * self.W] if same else \
+            [[] for _ in range(self.W)]
 
     def __iter__(self) -> Iterator[dict]:
         if self.consumed >= self.num_batches:
             log.info("epoch %d already consumed (%d batches); call set_epoch(epoch + 1)", self.epoch, self.consumed)
             return
-        stream = _TrainStream(self, self.consumed, list(self._positions))
+        replay = [{(p, i): n for p, i, n in f} for f in self._failures]
+        stream = _TrainStream(self, self.consumed, list(self._positions), replay)
         loader = WebLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
                            worker_init_fn=ignore_stop_signals if self.num_workers else None,
                            pin_memory=self.pin_memory)
         for batch in loader:
-            w, pos = batch.pop("_pos")
+            w, pos, self._failures[w] = batch.pop("_pos")
             self._positions[w], self.consumed = pos, self.consumed + 1
             for reason, n in batch.pop("_skips").items():
                 self.skip_counts[reason] += int(n)

@@ -1,76 +1,22 @@
-"""Shared pieces of the loaders: shard lists and sizes, skip counting, image preprocessing, row building, tar reading."""
+"""Shared pieces of the loaders: shard lists and sizes (in shardlist.py), skip counting, images, row building."""
 from __future__ import annotations
 
-import glob
 import io
 import json
 import logging
 import multiprocessing as mp
-import os
-from typing import Iterator, Optional
+from typing import Optional
 
-import braceexpand
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.tariterators import tarfile_samples
 
 from ..tokens import SpecialIds
 from .curriculum import NoStepsError, OverlongError
+from .shardlist import ShardReader, expand_shards, shard_sizes  # noqa: F401  (re-exported: shard specs and sizes)
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 1000  # a stream that only fails is an error, never a silent spin
-
-
-# ---------------------------------------------------------------- shard specs and sizes
-def expand_shards(spec: str) -> list[str]:
-    """Directory (all *.tar), 'dir/train' (-> dir/train-*.tar), brace pattern, or '::'-joined list of those."""
-    if not spec:
-        raise FileNotFoundError("no shards given (data.train_shards / data.val_shards is empty)")
-    urls: list[str] = []
-    for part in spec.split("::"):
-        if part.endswith(".json"):  # e.g. the seed config's train_path: raw data, not shards
-            stem = os.path.splitext(os.path.basename(part))[0]
-            raise FileNotFoundError(f"shard spec {spec!r}: {part} is a json file, not WebDataset shards; shard it "
-                                    f"first: python tools/make_shards.py --json {part} --out shards/{stem} "
-                                    f"(or --aokvqa-dir/--coco-dir for official A-OKVQA), then point "
-                                    f"data.train_shards/val_shards at shards/{stem}")
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-        elif os.path.isfile(part):
-            found = [part]
-        elif "{" in part:
-            found = list(braceexpand.braceexpand(part))
-            missing = [u for u in found if not os.path.isfile(u)]
-            if missing:
-                raise FileNotFoundError(f"shard spec {spec!r}: {len(missing)} missing, e.g. {missing[0]}")
-        else:
-            found = sorted(glob.glob(part + "-*.tar")) or sorted(glob.glob(part))
-        if not found:
-            raise FileNotFoundError(f"shard spec {spec!r}: no .tar files match {part!r} "
-                                    "(give a directory, dir/<split>, a brace pattern or a '::' list)")
-        urls += found
-    return urls
-
-
-def shard_sizes(urls: list[str], count_missing: bool = False) -> list[int]:
-    """Samples per shard from sizes.json next to each shard ({basename: count}, open_clip convention)."""
-    cache: dict[str, dict] = {}
-    out = []
-    for u in urls:
-        path = os.path.join(os.path.dirname(u), "sizes.json")
-        if path not in cache:
-            cache[path] = json.load(open(path)) if os.path.isfile(path) else {}
-        n = cache[path].get(os.path.basename(u))
-        if n is None and count_missing:  # eval: count distinct keys (cheap, headers only)
-            import tarfile
-            with tarfile.open(u) as tf:
-                n = len({m.name.split(".", 1)[0] for m in tf.getmembers() if m.isfile()})
-        if n is None:
-            raise FileNotFoundError(f"no sample count for shard {u}: {path} is missing or lacks "
-                                    f"{os.path.basename(u)!r}; set data.samples_per_epoch or write sizes.json")
-        out.append(int(n))
-    return out
 
 
 # ---------------------------------------------------------------- skip accounting
@@ -263,11 +209,3 @@ class RowBuilder:
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def _read(urls: list[str], skips: SkipCounter) -> Iterator[dict]:
-    for u in urls:
-        yield from tarfile_samples([{"url": u}], handler=skips.handler)
-
-
-# ---------------------------------------------------------------- training

@@ -8,7 +8,8 @@
   lines are replaced, other splits' kept.
 
 Images are decoded/drawn and encoded in a process pool (ordered `imap`), while the main process alone writes, so the
-shards are byte-identical for any number of workers (tar mtimes are fixed too).
+shards are byte-identical for any number of workers (tar mtimes are fixed too). `out_dir` may be remote (an fsspec
+URL, or `pipe:CMD` with `{}` for the file name): each finished shard is uploaded from a local staging dir.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections import deque
 from itertools import islice
@@ -25,6 +28,7 @@ from typing import Iterable, Iterator, Optional
 
 from PIL import Image
 
+from . import remote
 from .sources import WorkItem
 
 JPEG_QUALITY = 95
@@ -85,42 +89,90 @@ def _ordered_results(tasks: Iterator, workers: int, chunksize: int) -> Iterator:
             yield from pending.popleft()
 
 
-def _write_json_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+class _Out:
+    """The output of write_shards: a local dir, or a remote target (remote.Target) fed from a local staging dir
+    one finished shard at a time (so the local disk holds at most one shard)."""
+
+    def __init__(self, out):
+        out = str(out)
+        self.remote = None if remote.kind(out) == "local" else remote.Target(out)
+        if self.remote is None:
+            self.dir = Path(remote.local_path(out))
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix="mmcoconut-shards-"))
+
+    @property
+    def readable(self) -> bool:
+        return self.remote is None or self.remote.readable
+
+    def names(self) -> list[str]:
+        return os.listdir(self.dir) if self.remote is None else self.remote.names() if self.readable else []
+
+    def read_text(self, name: str) -> Optional[str]:
+        if self.remote is None:
+            path = self.dir / name
+            return path.read_text(encoding="utf-8") if path.exists() else None
+        return self.remote.read_text(name) if self.readable else None
+
+    def write_text(self, name: str, text: str) -> None:
+        tmp = self.dir / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.dir / name)  # atomic locally
+        self.publish(self.dir / name)
+
+    def remove(self, name: str) -> None:
+        if self.remote is None:
+            (self.dir / name).unlink()
+        else:
+            self.remote.remove(name)
+
+    def publish(self, path: Path) -> None:
+        if self.remote is not None:
+            self.remote.put(str(path), path.name)
+            path.unlink()
+
+    def where(self, name: str = "") -> str:
+        return str(self.dir / name) if self.remote is None else self.remote.where(name) if name else self.remote.out
+
+    def close(self) -> None:
+        if self.remote is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _update_sizes(out_dir: Path, split: str, sizes: dict[str, int], name: str = "sizes.json") -> None:
-    path = out_dir / name
-    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+def _update_sizes(out: _Out, split: str, sizes: dict[str, int], name: str = "sizes.json") -> None:
+    old = json.loads(out.read_text(name) or "{}")
     is_ours = shard_name_regex(split).match
     merged = {k: v for k, v in old.items() if not is_ours(k)}
     merged.update(sizes)
-    _write_json_atomic(path, json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
+    out.write_text(name, json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
 
 
-def _update_errors(out_dir: Path, split: str, errors: list[dict]) -> None:
-    path = out_dir / "errors.jsonl"
+def _update_errors(out: _Out, split: str, errors: list[dict]) -> None:
     kept = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("split") == split:
-                    continue
-            except (ValueError, AttributeError):
-                pass  # keep lines we do not understand
-            kept.append(line)
+    for line in (out.read_text("errors.jsonl") or "").splitlines():
+        try:
+            if json.loads(line).get("split") == split:
+                continue
+        except (ValueError, AttributeError):
+            pass  # keep lines we do not understand
+        kept.append(line)
     lines = kept + [json.dumps(e, ensure_ascii=False) for e in errors]
-    _write_json_atomic(path, "".join(line + "\n" for line in lines))
+    out.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
 
 
-def _remove_old_shards(out_dir: Path, split: str) -> None:
-    """A rerun replaces the split: stale higher-numbered shards of a bigger earlier run must not linger."""
+def _remove_old_shards(out: _Out, split: str) -> None:
+    """A rerun replaces the split: stale higher-numbered shards of a bigger earlier run must not linger, and
+    sizes.json loses the split's entries first, so a run that dies midway leaves no count for a partial split."""
+    if not out.readable:
+        return  # a pipe: target is write-only (see write_shards' warnings)
+    for name in ("sizes.json", "steps.json"):
+        if out.read_text(name) is not None:
+            _update_sizes(out, split, {}, name)
     is_ours = shard_name_regex(split).match
-    for path in out_dir.iterdir():
-        if is_ours(path.name):
-            path.unlink()
+    for name in out.names():
+        if is_ours(name):
+            out.remove(name)
 
 
 def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, maxcount: int = 1000,
@@ -128,17 +180,25 @@ def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, max
                  progress: bool = True, chunksize: int = 8) -> dict:
     """Shard `items` into `<out_dir>/<split>-%06d.tar` and return a summary dict:
     split, out_dir, written, skipped, shards, seconds, samples_per_s, errors (the skipped items),
-    ok (= skipped <= max_errors; max_errors < 0 tolerates any number)."""
-    import webdataset as wds
-    from tqdm import tqdm
-
+    errors_at (where errors.jsonl went), ok (= skipped <= max_errors; max_errors < 0 tolerates any number), warnings.
+    out_dir may also be an fsspec URL (s3://bucket/dir) or 'pipe:CMD' with '{}' for each file name; shards are
+    then staged locally one at a time and uploaded when closed, sizes.json last."""
     if not SPLIT_NAME.match(split):
         raise ValueError(f"split name must match {SPLIT_NAME.pattern} (it names the shard files), got {split!r}")
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_old_shards(out_dir, split)
+    out = _Out(out_dir)
+    try:
+        return _write(items, out, split, maxcount, image_size, workers, max_errors, total, progress, chunksize)
+    finally:
+        out.close()
+
+
+def _write(items, out: _Out, split, maxcount, image_size, workers, max_errors, total, progress, chunksize) -> dict:
+    import webdataset as wds
+    from tqdm import tqdm
+
+    _remove_old_shards(out, split)
     if total is None and hasattr(items, "__len__"):
         total = len(items)
 
@@ -147,10 +207,16 @@ def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, max
     longest: dict[str, int] = {}  # shard -> longest steps list
     errors: list[dict] = []
     seen: set[str] = set()
-    pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
+    pattern = str(out.dir).replace("%", "%%") + f"/{split}-%06d.tar"
     tasks = ((item, image_size) for item in items)
+
+    def finished(fname: str) -> None:  # a closed shard: upload it (remote), unless it is the empty first one
+        if Path(fname).name in sizes:
+            out.publish(Path(fname))
+
     with tqdm(total=total, desc=f"shards {split}", unit="sample", disable=not progress, smoothing=0.05) as bar, \
-            wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=TAR_MTIME, format="PAX_FORMAT") as sink:
+            wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=TAR_MTIME, format="PAX_FORMAT",
+                            post=finished) as sink:
         for item, jpeg, error in _ordered_results(tasks, workers, chunksize):
             bar.update(1)
             if error is None and item.key in seen:
@@ -167,15 +233,20 @@ def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, max
             sizes[name] = sizes.get(name, 0) + 1
             longest[name] = max(longest.get(name, 0), len(item.record.get("steps") or []))
     if not sizes:  # ShardWriter opens its first tar eagerly; do not leave an empty shard behind
-        (out_dir / f"{split}-000000.tar").unlink(missing_ok=True)
-    _update_sizes(out_dir, split, sizes)
-    _update_sizes(out_dir, split, longest, "steps.json")
-    _update_errors(out_dir, split, errors)
+        (out.dir / f"{split}-000000.tar").unlink(missing_ok=True)
+    _update_sizes(out, split, longest, "steps.json")
+    _update_sizes(out, split, sizes)  # last: a reader never sees counts for shards that are not there yet
+    _update_errors(out, split, errors)
+    warnings = [] if out.readable else [
+        f"{out.where()} is a write-only pipe: target: its sizes.json, steps.json and errors.jsonl now hold split "
+        f"{split!r} only (other splits' entries cannot be merged); give each split its own directory, or write to "
+        "an fsspec URL (s3://..., merged like a local dir), or write locally and upload the directory"]
 
     seconds = time.perf_counter() - start
     written = sum(sizes.values())
     return {
-        "split": split, "out_dir": str(out_dir), "written": written, "skipped": len(errors), "shards": len(sizes),
+        "split": split, "out_dir": out.where(), "written": written, "skipped": len(errors), "shards": len(sizes),
         "seconds": round(seconds, 3), "samples_per_s": round(written / seconds, 1) if seconds > 0 else 0.0,
-        "errors": errors, "ok": max_errors < 0 or len(errors) <= max_errors,
+        "errors": errors, "errors_at": out.where("errors.jsonl"), "ok": max_errors < 0 or len(errors) <= max_errors,
+        "warnings": warnings,
     }
