@@ -6,6 +6,13 @@
 #      DS_CONFIG (default ds_configs/zero2_<N>gpu.json; with HOSTFILE pick the file for the total world size),
 #      HOSTFILE (multi-node: deepspeed --hostfile), MASTER_PORT (default 29500).
 # Elastic resume on another world size: python -m mmcoconut.train.universal RUN_DIR, then launch again.
+for arg in "$@"; do  # --help: the header above, then exit (nothing is started)
+  if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    echo "Every other argument goes to the trainer: python -m mmcoconut.train --help lists the config keys."
+    exit 0
+  fi
+done
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -z "${NGPU:-}" ]; then
