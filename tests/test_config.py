@@ -206,7 +206,8 @@ def test_ds_config_by_name_and_seed_accumulation():
     from mmcoconut.train.engine import resolve_ds_config
     cfg = load_config("demo", ["--train.micro_batch_size=3", "--train.gradient_accumulation_steps=2"])
     ds = resolve_ds_config(cfg, path="zero2_1gpu", world=1)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 6)
+    got = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert got == (3, 2, 6)
     assert resolve_ds_config(load_config("demo"), path="zero3_2gpu.json", world=2)["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match="no such file"):
         resolve_ds_config(load_config("demo"), path="zero9_2gpu", world=2)

@@ -143,7 +143,8 @@ REMOTE = textwrap.dedent('''
         pass
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
-    path, images, questions, choices = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    path, images = sys.argv[1], sys.argv[2].split(",")
+    questions, choices = json.loads(sys.argv[3]), json.loads(sys.argv[4])
     model = AutoModel.from_pretrained(path, trust_remote_code=True)
     proc = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     out = model.answer([Image.open(p) for p in images], questions, choices=choices)

@@ -45,7 +45,8 @@ def render(config) -> str:
     t, v = config.text_config, config.vision_config
     lines = [
         f"# {name}", "",
-        "A multimodal [Coconut](https://arxiv.org/abs/2412.06769) model trained with mmcoconut: GPT-2 reads CLIP image features and a question, reasons in continuous "
+        "A multimodal [Coconut](https://arxiv.org/abs/2412.06769) model trained with mmcoconut: GPT-2 reads CLIP "
+        "image features and a question, reasons in continuous "
         "latent thoughts (its last hidden state fed back as the next input), then answers.", "",
         "## Base models", "",
         f"- language model: `{model.get('lm_id', '?')}` (GPT-2, {t.n_layer} layers, {t.n_embd} wide, "

@@ -107,7 +107,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel):
                 raise ValueError("no processor: pass processor=MMCoconutProcessor(...) or set model.processor")
             # running as the export's own code: the user trusted it, and the tokenizer's AutoConfig needs it too
             remote = not type(self).__module__.startswith("mmcoconut.")
-            self.processor = MMCoconutProcessor.from_pretrained(where, **({"trust_remote_code": True} if remote else {}))
+            kw = {"trust_remote_code": True} if remote else {}
+            self.processor = MMCoconutProcessor.from_pretrained(where, **kw)
         return self.processor
 
     @torch.no_grad()
