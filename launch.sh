@@ -9,6 +9,13 @@
 # Elastic resume on another world size: python -m mmcoconut.train.universal RUN_DIR, then launch again.
 # Exit codes: 0 done, 1 error, 2 bad config / run dir in use, 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a
 # checkpoint (run the same command again to resume), 128+N a second signal N stopped it at once.
+for arg in "$@"; do  # --help: the header above, then exit (nothing is started)
+  if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    echo "Every other argument goes to the trainer: python -m mmcoconut.train --help lists the config keys."
+    exit 0
+  fi
+done
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -z "${NGPU:-}" ]; then

@@ -46,8 +46,9 @@ def make_tiny_models(out_dir: str | Path, preset: str = "test", texts: Optional[
     Returns {"lm": dir, "vision": dir}.
     """
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
-                              GPT2LMHeadModel)
+    from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+
+    from .model.build import clip_image_processor_class
 
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny-model preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -78,7 +79,7 @@ def make_tiny_models(out_dir: str | Path, preset: str = "test", texts: Optional[
                              image_size=p["image_size"], patch_size=p["patch_size"], projection_dim=p["v_hidden"])
     CLIPVisionModel(v_cfg).save_pretrained(dirs["vision"])
     size = p["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        dirs["vision"])
+    processor = clip_image_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(dirs["vision"])
     marker.write_text(json.dumps(stamp, indent=1))
     return dirs

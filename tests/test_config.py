@@ -85,3 +85,129 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
 def test_missing_config_lists_shipped_ones():
     with pytest.raises(ConfigError, match="demo"):
         load_config("no_such_config")
+
+
+# ------------------------------------------------------------------------------------- --help, key resolution
+def test_help_lists_every_key_with_type_default_and_doc(capsys):
+    from mmcoconut.config_help import rows
+    from mmcoconut.train.__main__ import main
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for key, tp, default, doc in rows():
+        assert doc, f"{key} has no one-line doc (add a trailing # comment in mmcoconut/config.py)"
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"--{key} "))
+        assert tp in line and f"default {default}" in line
+        assert doc in out
+    assert "seed keys" in out and "clip_id" in out
+    assert main(["demo", "-h"]) == 0 and "--train.lr" in capsys.readouterr().out
+
+
+def test_help_in_a_fresh_process_exits_zero():
+    import subprocess
+    import sys
+    for flag in ("--help", "-h"):
+        p = subprocess.run([sys.executable, "-m", "mmcoconut.train", flag], capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0 and "--model.lm_id" in p.stdout and not p.stderr.strip(), p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("overrides, candidates", [
+    (["--batch_size=8"], ["eval.batch_size", "train.micro_batch_size"]),
+])
+def test_surprising_short_key_is_an_error_naming_the_candidates(overrides, candidates, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", overrides)
+    assert all(c in str(err.value) for c in candidates) and "ambiguous" in str(err.value)
+    path = tmp_path / "flat.yaml"
+    path.write_text("batch_size: 8\n")
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        load_config(str(path))
+    assert load_config("demo", ["--eval.batch_size=8", "--lr=2e-4"]).eval.batch_size == 8  # dotted / unique keys
+
+
+def test_readme_config_reference_is_generated_from_config_py():
+    from pathlib import Path
+    from mmcoconut.config_help import sync_readme
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert sync_readme(readme) == readme, "README is out of date: python -m mmcoconut.config_help --write README.md"
+
+
+# ------------------------------------------------------------------------------------------------ seed keys
+# Every key of facebookresearch/coconut args/*.yaml (values of args/gsm_coconut.yaml) plus the multimodal seed's
+# clip_id / batch_size_eval / load_model_path.
+UPSTREAM_SEED = """\
+project: coconut
+save_path: YOUR_PATH_TO_SAVE_THE_MODEL
+name: gsm-coconut
+only_eval: False
+coconut: True
+cot: False
+no_thoughts: False
+no_cot: False
+c_thought: 2
+epochs_per_stage: 3
+max_latent_stage: 3
+pad_latent_to_max: True
+save_only_improve: False
+uniform_prob: 0.0
+model_id: openai-community/gpt2
+clip_id: openai/clip-vit-large-patch14
+load_model_path: None
+seed: 0
+resume: 3
+bf16: False
+train_path: data/gsm_train
+val_path: data/gsm_valid
+reset_optimizer: True
+batch_size_training: 32
+batch_size_eval: 64
+debug: False
+gradient_accumulation_steps: 1
+num_epochs: 25
+lr: !!float "1e-4"
+weight_decay: 0.01
+"""
+
+
+def test_every_upstream_seed_key_maps(tmp_path):
+    path = tmp_path / "seed.yaml"
+    path.write_text(UPSTREAM_SEED)
+    cfg = load_config(str(path))
+    assert (cfg.logging.project, cfg.checkpoint.save_dir, cfg.train.name) == ("coconut", "YOUR_PATH_TO_SAVE_THE_MODEL",
+                                                                               "gsm-coconut")
+    assert cfg.curriculum.coconut and not cfg.curriculum.no_cot and cfg.curriculum.reset_optimizer
+    assert (cfg.curriculum.c_thought, cfg.curriculum.epochs_per_stage, cfg.curriculum.max_latent_stage) == (2, 3, 3)
+    assert cfg.model.lm_id == "openai-community/gpt2" and cfg.model.vision_id == "openai/clip-vit-large-patch14"
+    assert cfg.model.init_from is None and cfg.train.precision == "fp32"
+    assert (cfg.train.micro_batch_size, cfg.eval.batch_size, cfg.train.gradient_accumulation_steps) == (32, 64, 1)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.seed, cfg.checkpoint.resume) == (1e-4, 0.01, 0, 3)
+    cot = load_config(str(path), ["--coconut=false", "--cot=true", "--c_thought=0", "--max_latent_stage=0",
+                                  "--load_model_path=ckpt/cot.pt", "--bf16=true"])
+    assert not cot.curriculum.coconut and cot.model.init_from == "ckpt/cot.pt" and cot.train.precision == "bf16"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("only_eval: True", "mmcoconut-eval"),
+    ("debug: True", "seed key debug"),
+    ("save_only_improve: True", "seed key save_only_improve"),
+    ("no_thoughts: True", "not implemented"),
+    ("cot: True", "coconut and cot are both true"),
+    ("clip_idd: x", "unknown config key 'clip_idd'"),
+])
+def test_seed_values_mmcoconut_cannot_honour_are_clear_errors(tmp_path, line, message):
+    path = tmp_path / "seed.yaml"
+    path.write_text("coconut: True\n" + line + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_ds_config_by_name_and_seed_accumulation():
+    from mmcoconut.train.engine import resolve_ds_config
+    cfg = load_config("demo", ["--train.micro_batch_size=3", "--train.gradient_accumulation_steps=2"])
+    ds = resolve_ds_config(cfg, path="zero2_1gpu", world=1)
+    got = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert got == (3, 2, 6)
+    assert resolve_ds_config(load_config("demo"), path="zero3_2gpu.json", world=2)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_ds_config(load_config("demo"), path="zero9_2gpu", world=2)

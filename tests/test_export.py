@@ -1,5 +1,6 @@
-"""Export round trip: ZeRO-2 DeepSpeed checkpoint (frozen vision excluded) -> tools/export_hf.py -> load_export
-gives the engine's logits; eval CLI on the checkpoint; tools/predict.py on the export."""
+"""Export round trip: ZeRO-2 DeepSpeed checkpoint (frozen vision excluded) -> tools/export_hf.py (a self-contained
+Hugging Face dir) -> load_export gives the engine's logits; eval CLI on the checkpoint; tools/predict.py on the export;
+the model card carries the eval table of the same checkpoint."""
 import json
 import os
 import socket
@@ -84,16 +85,41 @@ def exported(zero2_ckpt, tmp_path_factory):
     return out
 
 
-def test_export_layout(exported, tiny_dirs):
-    meta = json.loads((exported / "mmcoconut.json").read_text())
-    assert (exported / "lm" / "model.safetensors").is_file() and (exported / "lm" / "config.json").is_file()
-    assert (exported / "lm" / "tokenizer_config.json").is_file()
-    assert (exported / "projector.safetensors").is_file()
-    assert (exported / "vision_processor" / "preprocessor_config.json").is_file()
-    assert not (exported / "vision").exists()  # frozen: referenced, not copied
-    assert meta["vision"] == {"tuned": False, "path": str(Path(tiny_dirs["vision"]).resolve()),
-                              "source_id": tiny_dirs["vision"]}
-    assert meta["curriculum"] == {"c_thought": 1, "max_latent_stage": 2}
+def test_export_layout(exported, tiny_dirs, zero2_ckpt):
+    from safetensors import safe_open
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
+            "preprocessor_config.json", "README.md", "configuration_mmcoconut.py", "modeling_mmcoconut.py",
+            "processing_mmcoconut.py", "latent.py"} <= names
+    assert not any(n.startswith(".") for n in names)  # no temp dirs left behind
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["model_type"] == "mmcoconut" and cfg["auto_map"]["AutoModel"].startswith("modeling_mmcoconut.")
+    assert (cfg["c_thought"], cfg["max_latent_stage"], cfg["image_tokens"]) == (1, 2, "patches")
+    with safe_open(str(exported / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith("model.vision.") for k in keys)  # frozen tower: shipped, not referenced
+    assert any(k.startswith("model.projector.") for k in keys) and "model.lm.transformer.wte.weight" in keys
+    # portable: no path of this machine anywhere in the text files (models, shards, checkpoint dirs)
+    roots = {str(Path(tiny_dirs["lm"]).resolve().parents[1]), str(zero2_ckpt[0].resolve().parents[1])}
+    for f in exported.iterdir():
+        if f.suffix in (".json", ".md", ".py"):
+            text = f.read_text()
+            assert not any(r in text for r in roots), f"{f.name} names a local path"
+    assert cfg["run_config"]["model"]["lm_id"].startswith("local:")
+
+
+def test_model_card_has_the_eval_table_of_this_checkpoint(zero2_ckpt, eval_shards, tmp_path):
+    from mmcoconut.eval.__main__ import main as eval_main
+    import export_hf
+    ckpt, _, _ = zero2_ckpt
+    assert eval_main([str(ckpt / "step3"), eval_shards, "--views", "nocot,coconut", "--max-samples", "4",
+                      "--out", str(ckpt / "eval-step3")]) == 0
+    out = tmp_path / "hf"
+    assert export_hf.main([str(ckpt), str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "## Use" in card
+    assert "| coconut |" in card and "| nocot |" in card and "## Curriculum" in card
+    assert json.loads((out / "config.json").read_text())["eval_results"]["views"]["coconut"]["n"] == 4
 
 
 def test_export_roundtrip_matches_engine_logits(zero2_ckpt, exported, eval_cfg_factory):
@@ -134,7 +160,7 @@ def test_predict_from_export(exported, eval_shards, tmp_path, capsys):
 
 @pytest.mark.parametrize("freeze_vision", [False])
 def test_save_load_export_tuned_vision(eval_cfg_factory, tmp_path, freeze_vision):
-    """A tuned vision tower is saved into out/vision and reloaded from there."""
+    """A tuned vision tower is saved with the other weights and reloaded from there."""
     from mmcoconut.data.loader import EvalLoader
     from mmcoconut.model import build_image_processor, build_model, build_tokenizer
     from mmcoconut.model.export import load_export, save_export
@@ -146,7 +172,6 @@ def test_save_load_export_tuned_vision(eval_cfg_factory, tmp_path, freeze_vision
         for p in model.vision.parameters():  # differs from the tiny vision dir on disk
             p.add_(0.01 * torch.randn_like(p))
     save_export(model, tok, cfg, tmp_path / "x")
-    assert (tmp_path / "x" / "vision" / "config.json").is_file()
     model2, tok2, ip2, _ = load_export(tmp_path / "x")
     batch = next(iter(EvalLoader(cfg.data.val_shards, tok2, ip2, cfg, view="coconut", n_latents=1, batch_size=2,
                                  rank=0, world_size=1, n_image_tokens=model2.n_image_tokens)))

@@ -2,6 +2,13 @@
 # `make demo`: tiny random GPT-2/CLIP -> synthetic shards -> Coconut curriculum training on 2 CPU ranks ->
 # four-view evaluation (nocot / cot / coconut / dummy) on 2 ranks -> plots -> where everything is.
 # Runs with the venv's bin first on PATH (the Makefile does that). ~10 minutes on 2 cores.
+for arg in "$@"; do  # --help: the header above, then exit (nothing is started)
+  if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    echo "Options: none (-h/--help prints this). make clean-demo removes what it made."
+    exit 0
+  fi
+done
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

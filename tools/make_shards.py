@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if __package__ in (None, ""):  # run from a checkout without installing (installed: mmcoconut.tools)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmcoconut.data import remote, sources  # noqa: E402
 from mmcoconut.data.sharding import SPLIT_NAME, write_shards  # noqa: E402

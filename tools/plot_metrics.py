@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+if __package__ in (None, ""):  # run from a checkout without installing (installed: mmcoconut.tools)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmcoconut.eval.plots import plot_run  # noqa: E402
 

@@ -10,6 +10,7 @@ import random
 from typing import Optional
 
 from ..config import CurriculumConfig
+from ..prompt import answer_text, prompt_ids, question_text, view_latents
 from ..tokens import SpecialIds
 
 IGNORE = -100
@@ -52,9 +53,9 @@ def tokenize_sample(sample: dict, tokenizer) -> dict:
     if tok is None:
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         tok = sample["_tok"] = {
-            "question": enc(sample["question"] + "\n"),
+            "question": enc(question_text(sample["question"])),
             "steps": [enc(s + "\n") for s in sample.get("steps") or []],
-            "answer": enc("### " + str(sample.get("answer", ""))) + [tokenizer.eos_token_id],
+            "answer": enc(answer_text(sample.get("answer", ""))) + [tokenizer.eos_token_id],
         }
     return tok
 
@@ -138,9 +139,7 @@ def build_example(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage:
     else:  # coconut / dummy: the same sequence, the model decides what fills the latents
         skip = min(stage, len(steps))
         n_lat = stage * cur.c_thought if n_latents is None else n_latents
-    prefix = [ids.image] * n_image_tokens + tok["question"]
-    if markers:
-        prefix = prefix + [ids.start] + [ids.latent] * n_lat + [ids.end]
+    prefix = prompt_ids(tok["question"], ids, n_image_tokens, n_lat if markers else None)
     target = [t for s in steps[skip:] for t in s] + tok["answer"]
     input_ids = prefix + target
     _check_length(len(input_ids), max_length, key, f"{view} sequence (stage {stage}, {n_lat} latents)")
@@ -158,12 +157,9 @@ def build_prompt(sample: dict, tokenizer, ids: SpecialIds, *, view: str, stage: 
     if view not in ("cot", "nocot", "coconut", "dummy"):
         raise ValueError(f"unknown generation view {view!r}; choose from cot, nocot, coconut, dummy")
     tok = tokenize_sample(sample, tokenizer)
-    prompt = [ids.image] * n_image_tokens + tok["question"]
-    latent_view = view in ("coconut", "dummy")
     n_lat = 0
-    if latent_view:
+    if view in ("coconut", "dummy"):
         n_lat = eval_latents(len(tok["steps"]), stage, cur) if n_latents is None else n_latents
-    if latent_view or (view == "cot" and cot_markers(cur)):
-        prompt = prompt + [ids.start] + [ids.latent] * n_lat + [ids.end]
+    prompt = prompt_ids(tok["question"], ids, n_image_tokens, view_latents(view, n_lat, cot_markers(cur)))
     _check_length(len(prompt), max_length, key, f"{view} prompt ({n_lat} latents)")
     return {"input_ids": prompt, "n_latents": n_lat}

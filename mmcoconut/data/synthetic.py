@@ -24,6 +24,8 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
+from ..prompt import choices_suffix  # noqa: F401 (sources.py and the generator use it from here)
+
 COLOURS = {  # name -> RGB, chosen to stay distinguishable after JPEG and a 224 -> 32 px resize
     "red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60),
     "yellow": (240, 205, 30), "purple": (140, 60, 180), "orange": (245, 135, 20),
@@ -40,9 +42,6 @@ def record_key(index: int, seed: int) -> str:
     return f"syn{seed}-{index:07d}"
 
 
-def choices_suffix(choices: list[str]) -> str:
-    """' The choices are 0: cat, 1: dog, ...' — appended to the question (docs/CONTRACT.md)."""
-    return " The choices are " + ", ".join(f"{i}: {c}" for i, c in enumerate(choices))
 
 
 def _make_scene(rng: random.Random) -> list[dict]:

@@ -15,17 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..prompt import ANSWER_MARK, extract_answer  # noqa: F401 (re-exported: the answer format lives in prompt.py)
 from .choices import map_to_choice
 from .metrics import evaluate_predictions, save_predictions
 
 VIEWS = ("nocot", "cot", "coconut", "dummy")
-ANSWER_MARK = "###"
-
-
-def extract_answer(text: str) -> str:
-    """The text after the last '### ' (the answer marker); the whole text if the marker never appears."""
-    i = text.rfind(ANSWER_MARK)
-    return (text[i + len(ANSWER_MARK):] if i >= 0 else text).strip()
 
 
 def default_n_latents(cfg, stage: Optional[int] = None) -> int:

@@ -19,9 +19,21 @@ def build_tokenizer(mcfg):
 
 
 def build_image_processor(mcfg):
-    from transformers import CLIPImageProcessor
+    """The vision checkpoint's image processor. AutoImageProcessor picks the torchvision backend when installed,
+    else the PIL one, without the warning `CLIPImageProcessor` prints when torchvision is missing."""
+    from transformers import AutoImageProcessor
 
-    return CLIPImageProcessor.from_pretrained(mcfg.vision_id)
+    return AutoImageProcessor.from_pretrained(mcfg.vision_id)
+
+
+def clip_image_processor_class():
+    """CLIPImageProcessor, or its PIL implementation when torchvision is missing (same output, no warning)."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available() and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
 
 
 def _init_new_rows(lm, tokenizer, old_rows: int, init_token: str) -> None:

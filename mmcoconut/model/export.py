@@ -1,264 +1,164 @@
-"""Hugging Face export of an MMCoconut model, and loading models from exports or DeepSpeed checkpoints.
+"""Hugging Face exports: an MMCoconut (from a DeepSpeed checkpoint of any ZeRO stage, or a live engine) written as
+one self-contained `save_pretrained` directory, and loading it back.
 
-Export layout (`save_export`):
-  out/lm/                     GPT-2 `save_pretrained` (safetensors; tied wte/lm_head) + the tokenizer
-  out/projector.safetensors   projector weights (out/extra.safetensors: any other MMCoconut parameters)
-  out/vision/                 CLIP vision `save_pretrained`, only when the vision tower was tuned
-  out/vision_processor/       the image processor
-  out/mmcoconut.json          model config section, curriculum (c_thought, max_latent_stage), vision id/dir,
-                              the full resolved run config
-`load_export(dir)` rebuilds (model, tokenizer, image_processor, cfg) without DeepSpeed.
-`load_checkpoint(path)` does the same from a DeepSpeed checkpoint of any ZeRO stage (fp32 consolidation in one
-process, config from the checkpoint's client_state or the run dir's config.yaml).
+Export layout (MMCoconutForConditionalGeneration.save_pretrained, see mmcoconut/hf/):
+  config.json                 MMCoconutConfig: GPT-2 + CLIP vision configs, projector, special ids, image-token mode,
+                              curriculum, the resolved run config (paths made portable), auto_map
+  model.safetensors           every weight (language model, vision tower, projector), fp32
+  tokenizer.json, tokenizer_config.json, preprocessor_config.json, processor_config.json
+  *.py                        the model code (loads with trust_remote_code=True where mmcoconut is not installed)
+  README.md                   model card
+`load_export(dir)` returns (MMCoconut, tokenizer, image_processor, cfg) as before; `load_hf(path)` returns the
+Hugging Face model (export dir or DeepSpeed checkpoint). Nothing in an export refers to the machine it came from.
 """
 from __future__ import annotations
 
-import glob
+import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-EXPORT_META = "mmcoconut.json"
-FORMAT_VERSION = 1
+from .ds_checkpoint import checkpoint_config, consolidated_state_dict, find_checkpoint, load_checkpoint
+
+TIED = ("lm.lm_head.weight",)  # tied to lm.transformer.wte.weight
 
 
-# ----------------------------------------------------------------------------------------------- export
-def _split_state(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Model state dict -> {"projector": {...}, "extra": {...}} (lm/vision go through save_pretrained)."""
-    out = {"projector": {}, "extra": {}}
-    for k, v in model.state_dict().items():
-        if k.startswith("projector."):
-            out["projector"][k[len("projector."):]] = v.detach().cpu().contiguous()
-        elif not k.startswith(("lm.", "vision.")):
-            out["extra"][k] = v.detach().cpu().contiguous()
+# ------------------------------------------------------------------------------------------ building
+def portable(value, key: str = ""):
+    """A run-config value with machine-specific paths removed: absolute paths -> '.../<last two parts>';
+    local model dirs (model.*_id) -> 'local:<path>' so they are never mistaken for Hub ids."""
+    if isinstance(value, dict):
+        return {k: portable(v, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, key) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    out = value
+    if os.path.isabs(value):
+        out = ".../" + "/".join(Path(value).parts[-2:])
+    if key.startswith("model.") and key.endswith("_id") and Path(value).exists():
+        out = "local:" + out
     return out
 
 
-def _vision_ref(vision_id: str) -> str:
-    """A local vision dir as an absolute path (the export must not depend on the cwd); hub ids unchanged."""
-    return str(Path(vision_id).resolve()) if Path(vision_id).is_dir() else vision_id
+def hf_config(model, cfg, eval_results: Optional[dict] = None):
+    """MMCoconutConfig describing a built MMCoconut trained with run config `cfg`."""
+    import mmcoconut
+    from mmcoconut.hf import MMCoconutConfig
+
+    text, vision = model.lm.config.to_dict(), model.vision.config.to_dict()
+    text["dtype"] = vision["dtype"] = "float32"  # exports hold fp32 weights whatever the training precision
+    for sub in (text, vision):
+        sub.pop("_name_or_path", None)  # where the base model was loaded from: a path of this machine
+    c = cfg.curriculum
+    return MMCoconutConfig(
+        text_config=text, vision_config=vision, projector=cfg.model.projector, image_tokens=model.image_tokens,
+        vision_layer=model.vision_layer, freeze_vision=model.freeze_vision, special_ids=dataclasses.asdict(model.ids),
+        c_thought=c.c_thought, max_latent_stage=c.max_latent_stage, pad_latent_to_max=c.pad_latent_to_max,
+        coconut=c.coconut, no_cot=c.no_cot, answer_max_new_tokens=cfg.eval.max_new_tokens,
+        dummy_latent=cfg.eval.dummy_latent, run_config=portable(cfg.to_dict()), eval_results=eval_results,
+        mmcoconut_version=mmcoconut.__version__)
 
 
-def save_export(model, tokenizer, cfg, out_dir, image_processor=None) -> Path:
-    """Write the export described in the module docstring; returns the output dir."""
-    from safetensors.torch import save_file
+def to_hf(model, tokenizer, image_processor, cfg, eval_results: Optional[dict] = None):
+    """The Hugging Face model (and processor) around a built MMCoconut; shares its weights."""
+    from mmcoconut.hf import MMCoconutForConditionalGeneration, MMCoconutProcessor
 
+    config = hf_config(model, cfg, eval_results)
+    proc = MMCoconutProcessor.from_config(config, image_processor, tokenizer)
+    return MMCoconutForConditionalGeneration.from_mmcoconut(model, config, proc)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out` (an older `out` is removed only after the new one is in place)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf(hf, out_dir) -> Path:
+    """hf.save_pretrained into `out_dir` atomically: written to a sibling temp dir, then renamed."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.lm.save_pretrained(out / "lm", safe_serialization=True)
-    tokenizer.save_pretrained(out / "lm")
-    parts = _split_state(model)
-    save_file(parts["projector"], str(out / "projector.safetensors"))
-    if parts["extra"]:
-        save_file(parts["extra"], str(out / "extra.safetensors"))
-    tuned = not cfg.model.freeze_vision
-    if tuned:
-        model.vision.save_pretrained(out / "vision", safe_serialization=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    _replace_dir(tmp, out)
+    return out
+
+
+def save_export(model, tokenizer, cfg, out_dir, image_processor=None, eval_results: Optional[dict] = None) -> Path:
+    """Write the export described in the module docstring; returns the output dir."""
     if image_processor is None:
         from . import build_image_processor
         image_processor = build_image_processor(cfg.model)
-    image_processor.save_pretrained(out / "vision_processor")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "lm": "lm", "tokenizer": "lm", "projector": "projector.safetensors",
-        "extra": "extra.safetensors" if parts["extra"] else None,
-        "vision": {"tuned": tuned, "path": "vision" if tuned else _vision_ref(cfg.model.vision_id),
-                   "source_id": cfg.model.vision_id},
-        "image_processor": "vision_processor",
-        "n_image_tokens": int(getattr(model, "n_image_tokens", 0)),
-        "model": dict(cfg.to_dict()["model"]),
-        "curriculum": {"c_thought": cfg.curriculum.c_thought, "max_latent_stage": cfg.curriculum.max_latent_stage},
-        "config": cfg.to_dict(),
-    }
-    (out / EXPORT_META).write_text(json.dumps(meta, indent=1))
-    return out
+    return save_hf(to_hf(model, tokenizer, image_processor, cfg, eval_results), out_dir)
 
 
+# ------------------------------------------------------------------------------------------- loading
 def is_export(path) -> bool:
-    """An export dir (a checkpoint tag dir also holds an mmcoconut.json, but no lm/ and no projector file)."""
-    d = Path(path)
-    return (d / EXPORT_META).is_file() and (d / "lm").is_dir() and (d / "projector.safetensors").is_file()
+    """A directory written by save_export (config.json of model_type "mmcoconut")."""
+    f = Path(path) / "config.json"
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("model_type") == "mmcoconut"
+    except ValueError:
+        return False
 
 
-def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a save_pretrained dir (single or sharded safetensors)."""
-    from safetensors.torch import load_file
+def _check_export(d: Path) -> None:
+    if is_export(d):
+        return
+    if (d / "mmcoconut.json").is_file() and (d / "lm").is_dir():
+        raise FileNotFoundError(f"{d}: an export in the old layout (lm/, projector.safetensors); export the "
+                                "checkpoint again with mmcoconut-export CKPT OUT")
+    raise FileNotFoundError(f"{d}: not an mmcoconut export (no config.json with model_type 'mmcoconut'); make one "
+                            "with mmcoconut-export CKPT OUT (tools/export_hf.py)")
 
-    index = d / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(d / f)))
-    return sd
+
+def _run_config(hf_cfg, export_dir: Path):
+    """The training config stored in the export, with the model section pointing into the export."""
+    from ..config import ConfigError, Config, load_config
+
+    try:
+        cfg = load_config(data=hf_cfg.run_config or {})
+    except ConfigError as e:  # written by another mmcoconut version: keep what the model needs
+        print(f"note: {export_dir}: stored run config not loadable here ({e}); using the model's own settings")
+        cfg = Config()
+    m, c = cfg.model, cfg.curriculum
+    m.lm_id = m.vision_id = m.tokenizer_id = str(export_dir)
+    m.image_tokens, m.vision_layer, m.freeze_vision = hf_cfg.image_tokens, hf_cfg.vision_layer, hf_cfg.freeze_vision
+    m.projector = hf_cfg.projector
+    c.c_thought, c.max_latent_stage = hf_cfg.c_thought, hf_cfg.max_latent_stage
+    c.pad_latent_to_max, c.coconut, c.no_cot = hf_cfg.pad_latent_to_max, hf_cfg.coconut, hf_cfg.no_cot
+    return cfg
+
+
+def load_hf(path, tag: Optional[str] = None, overrides: Optional[list[str]] = None, device="cpu"):
+    """MMCoconutForConditionalGeneration (with its processor) from an export dir or a DeepSpeed checkpoint."""
+    from mmcoconut.hf import MMCoconutForConditionalGeneration
+
+    if is_export(path):
+        hf = MMCoconutForConditionalGeneration.from_pretrained(str(path))
+        hf.get_processor()
+    else:
+        model, tok, improc, cfg, _ = load_checkpoint(path, tag=tag, overrides=overrides)
+        hf = to_hf(model, tok, improc, cfg)
+    return hf.to(device).eval()
 
 
 def load_export(export_dir, device="cpu"):
-    """(model, tokenizer, image_processor, cfg) from a `save_export` dir; the model is in eval mode."""
-    from safetensors.torch import load_file
-    from transformers import CLIPImageProcessor
-
-    from ..config import config_from_dict
-    from . import build_model, build_tokenizer
-
+    """(model, tokenizer, image_processor, cfg) from an export dir; the model (an MMCoconut) is in eval mode."""
     d = Path(export_dir)
-    if not is_export(d):
-        raise FileNotFoundError(f"{d}: not an mmcoconut export (no {EXPORT_META}); "
-                                "make one with tools/export_hf.py CKPT OUT")
-    meta = json.loads((d / EXPORT_META).read_text())
-    cfg = config_from_dict(meta["config"])
-    cfg.model.lm_id = str(d / meta["lm"])
-    cfg.model.tokenizer_id = str(d / meta["tokenizer"])
-    v = meta["vision"]
-    cfg.model.vision_id = str(d / v["path"]) if v["tuned"] else v["path"]
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer)
-    # Reload the saved LM tensors explicitly: build_model may (re)initialise new-token rows.
-    lm_sd = _read_hf_weights(d / meta["lm"])
-    missing, unexpected = model.lm.load_state_dict(lm_sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte
-    if missing or unexpected:
-        raise RuntimeError(f"{d / meta['lm']}: LM weights do not match (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
-    model.projector.load_state_dict(load_file(str(d / meta["projector"])), strict=True)
-    if meta.get("extra"):
-        missing, unexpected = model.load_state_dict(load_file(str(d / meta["extra"])), strict=False)
-        if unexpected:
-            raise RuntimeError(f"{d / meta['extra']}: unexpected tensors {unexpected[:5]}")
-    image_processor = CLIPImageProcessor.from_pretrained(str(d / meta["image_processor"]))
-    model.to(device).eval()
-    return model, tokenizer, image_processor, cfg
-
-
-# ----------------------------------------------------------------------------------- DeepSpeed checkpoints
-def _has_model_states(d: Path) -> bool:
-    return bool(glob.glob(str(d / "*model_states.pt")))
-
-
-def find_checkpoint(path, tag: Optional[str] = None) -> tuple[Path, str]:
-    """(checkpoint root holding `latest`/tag dirs, tag) for a root dir, a tag dir or a run dir above the root."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if tag is not None:
-        if (p / tag).is_dir():
-            return p, tag
-        raise FileNotFoundError(f"checkpoint {p}: no tag dir {tag!r} (tags: {_tags(p)})")
-    if _has_model_states(p):
-        return p.parent, p.name
-    if (p / "latest").is_file():
-        t = (p / "latest").read_text().strip()
-        if not (p / t).is_dir():
-            raise FileNotFoundError(f"checkpoint {p}: 'latest' names {t!r}, which does not exist")
-        return p, t
-    roots = sorted({Path(f).parent for f in glob.glob(str(p / "**" / "latest"), recursive=True)})
-    if len(roots) == 1:
-        return find_checkpoint(roots[0])
-    if len(roots) > 1:
-        raise ValueError(f"{p}: several checkpoint dirs {[str(r) for r in roots]}; pass one of them")
-    tags = _tags(p)
-    if tags:
-        raise ValueError(f"{p}: no 'latest' file; pass a tag dir, one of {tags}")
-    raise FileNotFoundError(f"{p}: not a DeepSpeed checkpoint (no 'latest' file, no *model_states.pt)")
-
-
-def _tags(p: Path) -> list[str]:
-    return sorted(x.name for x in p.iterdir() if x.is_dir() and _has_model_states(x)) if p.is_dir() else []
-
-
-def _model_states_file(tag_dir: Path) -> Path:
-    files = sorted(glob.glob(str(tag_dir / "*model_states.pt")))
-    if not files:
-        raise FileNotFoundError(f"{tag_dir}: no *model_states.pt")
-    return Path(files[0])
-
-
-def _config_in(obj, depth: int = 0) -> Optional[dict]:
-    """A resolved config dict (has 'model' and 'curriculum' sections) inside a client_state."""
-    if isinstance(obj, str) and depth > 0 and "curriculum" in obj:
-        import yaml
-        try:
-            obj = yaml.safe_load(obj)
-        except yaml.YAMLError:
-            return None
-    if not isinstance(obj, dict):
-        return None
-    if isinstance(obj.get("model"), dict) and isinstance(obj.get("curriculum"), dict):
-        return obj
-    if depth < 2:
-        for k, v in obj.items():
-            if k in ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes"):
-                continue
-            found = _config_in(v, depth + 1)
-            if found is not None:
-                return found
-    return None
-
-
-def checkpoint_config(root: Path, tag: str) -> tuple[dict, dict]:
-    """(resolved config dict, model-states dict) of a checkpoint: client_state first, then config.yaml files."""
-    states = torch.load(_model_states_file(root / tag), map_location="cpu", weights_only=False)
-    found = _config_in(states)
-    if found is None:
-        import yaml
-        for d in (root / tag, root, root.parent, root.parent.parent):
-            if (d / "config.yaml").is_file():
-                found = yaml.safe_load((d / "config.yaml").read_text())
-                break
-    if found is None:
-        raise ValueError(f"{root / tag}: no resolved config in the client_state and no config.yaml nearby")
-    return found, states
-
-
-def consolidated_state_dict(root: Path, tag: str, states: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """fp32 module state dict of any ZeRO stage (0: the module weights stored in the model-states file)."""
-    tag_dir = root / tag
-    if glob.glob(str(tag_dir / "*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    else:  # ZeRO-0: no partitioned optimizer files; the full module sits in the model-states file
-        states = states if states is not None else torch.load(_model_states_file(tag_dir), map_location="cpu",
-                                                               weights_only=False)
-        sd = states["module"]
-    out = {}
-    for k, v in sd.items():
-        while k.startswith("module."):
-            k = k[len("module."):]
-        out[k] = v.float() if torch.is_floating_point(v) else v
-    return out
-
-
-def load_checkpoint(path, tag: Optional[str] = None, overrides: Optional[list[str]] = None, device="cpu"):
-    """(model, tokenizer, image_processor, cfg, info) from a DeepSpeed checkpoint (root, tag or run dir).
-
-    Parameters absent from the checkpoint (frozen vision tower saved with exclude_frozen_parameters) keep the
-    weights `build_model` loaded from cfg.model.vision_id; anything else missing is an error.
-    """
-    from ..config import load_config
-    from . import build_image_processor, build_model, build_tokenizer
-
-    root, tag = find_checkpoint(path, tag)
-    cfg_dict, states = checkpoint_config(root, tag)
-    cfg = load_config(data=cfg_dict, overrides=overrides)
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer)
-    sd = consolidated_state_dict(root, tag, states)
-    del states
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"lm.lm_head.weight"}
-    frozen_vision = [k for k in missing if k.startswith("vision.")]
-    other = [k for k in missing if k not in tied and not k.startswith("vision.")]
-    if frozen_vision and not cfg.model.freeze_vision:
-        other += frozen_vision
-    if other or unexpected:
-        raise RuntimeError(f"checkpoint {root / tag} does not match the model built from its config: "
-                           f"missing {other[:5]}{'...' if len(other) > 5 else ''}, unexpected {unexpected[:5]}")
-    model.to(device).eval()
-    info = {"root": str(root), "tag": tag, "checkpoint": str(root / tag),
-            "reloaded_from_vision_id": bool(frozen_vision)}
-    return model, tokenizer, build_image_processor(cfg.model), cfg, info
+    _check_export(d)
+    hf = load_hf(d, device=device)
+    proc = hf.get_processor()
+    return hf.model, proc.tokenizer, proc.image_processor, _run_config(hf.config, d)
 
 
 def load_any(path, tag: Optional[str] = None, overrides: Optional[list[str]] = None, device="cpu"):
@@ -272,5 +172,78 @@ def load_any(path, tag: Optional[str] = None, overrides: Optional[list[str]] = N
     return load_checkpoint(path, tag=tag, overrides=overrides, device=device)
 
 
-__all__ = ["save_export", "load_export", "load_checkpoint", "load_any", "find_checkpoint", "is_export",
-           "consolidated_state_dict", "checkpoint_config"]
+# --------------------------------------------------------------------------- live engine (end of training)
+def full_state_dict(module, rank: int) -> Optional[dict]:
+    """fp32 weights of a DeepSpeed engine's module, on rank 0 (None elsewhere). Collective: every rank calls it.
+
+    Trainable parameters: DeepSpeed's fp32 master copy (safe_get_full_fp32_param; ZeRO-1/2/3 and bf16). Others
+    (frozen, or ZeRO-0 without master copies): the module parameter, gathered under ZeRO-3, cast to fp32.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    persistent = set(module.state_dict().keys())
+    out = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None and hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                full = p.data.detach().clone()
+        elif full is None:
+            full = p.detach()
+        if rank == 0:
+            out[name] = full.float().cpu().clone()
+    for name, b in module.named_buffers():
+        if name in persistent and rank == 0:
+            out[name] = b.detach().cpu().clone()
+    return out if rank == 0 else None
+
+
+def export_engine(engine, cfg, state, tokenizer, image_processor, rank: int, out_dir=None) -> Optional[Path]:
+    """checkpoint.export_final: write `<run dir>/export` from the live engine once training finished all epochs.
+    Every rank must call it (the weights are gathered collectively); rank 0 writes."""
+    if not (state.epoch_done and state.epoch + 1 >= cfg.train.num_epochs):
+        if rank == 0:
+            print("export: skipped (checkpoint.export_final): training stopped before its last epoch", flush=True)
+        return None
+    sd = full_state_dict(engine.module, rank)
+    if rank != 0:
+        return None
+    from mmcoconut.hf import MMCoconutForConditionalGeneration
+
+    config = hf_config(engine.module, cfg)
+    hf = MMCoconutForConditionalGeneration(config)  # fresh CPU copy in fp32, then the trained weights
+    missing, unexpected = hf.model.load_state_dict(sd, strict=False)
+    if [k for k in missing if k not in TIED] or unexpected:
+        raise RuntimeError(f"export: engine weights do not match the model (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+    from mmcoconut.hf import MMCoconutProcessor
+    hf.processor = MMCoconutProcessor.from_config(config, image_processor, tokenizer)
+    out = save_hf(hf, out_dir or Path(cfg.run_dir) / "export")
+    n = sum(p.numel() for p in hf.parameters())
+    print(f"export: {out} ({n / 1e6:.2f}M parameters, step {state.step}); load it with "
+          f"AutoModel.from_pretrained('{out}', trust_remote_code=True)", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ evaluation results
+def find_eval_results(checkpoint: str, run_dir: Optional[str] = None) -> Optional[dict]:
+    """The eval_results.json (mmcoconut.eval) written for exactly this checkpoint tag dir, if any."""
+    from mmcoconut.hf.card import read_eval_results
+
+    target = Path(checkpoint).resolve()
+    roots = {target.parent} | ({Path(run_dir)} if run_dir else set())
+    for root in roots:
+        for f in sorted(root.glob("eval*/eval_results.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                got = json.loads(f.read_text()).get("checkpoint")
+            except ValueError:
+                continue
+            if got and Path(got).resolve() == target:
+                return read_eval_results(f)
+    return None
+
+
+__all__ = ["save_export", "save_hf", "to_hf", "hf_config", "load_export", "load_hf", "load_any", "is_export",
+           "export_engine", "full_state_dict", "find_eval_results", "portable", "load_checkpoint",
+           "find_checkpoint", "checkpoint_config", "consolidated_state_dict"]

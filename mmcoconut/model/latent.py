@@ -42,7 +42,7 @@ try:
 except ImportError:  # the kernels package is optional at import time; same semantics, plain autograd
     def inject_embeddings(input_ids, weight, sources, source_index):
         emb = F.embedding(input_ids.masked_fill(source_index >= 0, 0), weight)
-        if sources.shape[0] == 0:
+        if sources.shape[0] == 0:  # nothing to inject (decoding steps)
             return emb
         picked = sources.index_select(0, source_index.clamp_min(0).flatten()).view_as(emb)
         return torch.where((source_index >= 0).unsqueeze(-1), picked, emb)

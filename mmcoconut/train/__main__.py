@@ -1,15 +1,20 @@
-"""python -m mmcoconut.train CONFIG [--key=value ...] --deepspeed ds_configs/X.json
+"""mmcoconut-train / python -m mmcoconut.train CONFIG [--key=value ...] [--deepspeed DS_CONFIG]
 
-Also accepted: `--deepspeed --deepspeed_config PATH` (DeepSpeed's add_config_arguments spelling) and the
-launcher's `--local_rank=N`. Every other `--key=value` is a run-config override (mmcoconut.config).
-Launch on several processes with `deepspeed --num_gpus N -m mmcoconut.train ...` or ./launch.sh.
+`--help` lists every config key (type, default, doc) by section. Also accepted: `--deepspeed --deepspeed_config
+PATH` (DeepSpeed's add_config_arguments spelling) and the launcher's `--local_rank=N`. Every other `--key=value` is
+a run-config override (mmcoconut.config). Several processes: `deepspeed --num_gpus N --module mmcoconut.train ...`
+or ./launch.sh; without a launcher the run is a single process (the environment DeepSpeed expects is set up here,
+so it never tries MPI discovery).
 """
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from mmcoconut.config import ConfigError, load_config
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
@@ -29,21 +34,47 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
             ds_path = val or ds_path
             i += 1
             continue
+        if a.startswith("-") and not a.startswith("--"):
+            raise ConfigError(f"unknown option {a!r} (see --help)")
         if config is None and not a.startswith("--"):
             config = a
         else:
             rest.append(a)
         i += 1
     if config is None:
-        raise ConfigError("usage: python -m mmcoconut.train CONFIG [--key=value ...] --deepspeed ds_configs/X.json")
+        raise ConfigError("usage: mmcoconut-train CONFIG [--key=value ...] [--deepspeed DS_CONFIG] (--help lists "
+                          "every key)")
     return config, ds_path, rest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env(argv: list[str]) -> bool:
+    """No launcher (no RANK/WORLD_SIZE/LOCAL_RANK, no --local_rank): set up a one-process group's environment so
+    deepspeed.init_distributed() uses it instead of MPI discovery. Returns whether it did."""
+    if any(k in os.environ for k in LAUNCHER_ENV) or any(a.startswith("--local_rank") for a in argv):
+        return False
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return True
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        from mmcoconut.config_help import help_text
+        prog = "mmcoconut-train" if os.path.basename(sys.argv[0]) == "mmcoconut-train" else "python -m mmcoconut.train"
+        print(help_text(prog), end="")
+        return 0
     from .signals import stop_request
 
     stop_request()  # first: a stop signal during startup is honoured at the first step boundary (signals.py)
+    single = single_process_env(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         config, ds_path, overrides = parse_args(argv)
@@ -69,6 +100,9 @@ def main(argv=None) -> int:
     from .engine import init_distributed
     from .loop import run
 
+    if single:
+        print("train: no launcher, running as a single process (deepspeed --num_gpus N --module mmcoconut.train "
+              "... or ./launch.sh for several)", flush=True)
     init_distributed()
     if rank == 0 and plan is not None:
         print(f"resume: {cfg.run_dir}/{plan.tag}{' (universal)' if plan.universal else ''}", flush=True)

@@ -25,9 +25,23 @@ MMCOCONUT_KEY = "mmcoconut"  # run-config switches carried in the resolved ds di
 
 
 def ds_configs_dir() -> Path:
-    """ds_configs/ of the source checkout (next to the package), else ./ds_configs."""
-    here = Path(__file__).resolve().parents[2] / "ds_configs"
-    return here if here.is_dir() else Path("ds_configs")
+    """ds_configs/ of the source checkout (next to the package), else the copy installed with the package
+    (mmcoconut/ds_configs in the wheel), else ./ds_configs."""
+    pkg = Path(__file__).resolve().parents[1]
+    for d in (pkg.parent / "ds_configs", pkg / "ds_configs"):
+        if d.is_dir():
+            return d
+    return Path("ds_configs")
+
+
+def find_ds_config(path: str) -> Path:
+    """A ds_config file path, or the name of a shipped one: `zero2_2gpu` / `zero2_2gpu.json`."""
+    p = Path(path)
+    if not p.is_file() and p.parent == Path("."):
+        named = ds_configs_dir() / (p.name if p.suffix == ".json" else f"{p.name}.json")
+        if named.is_file():
+            return named
+    return p
 
 
 def default_ds_config(world: int) -> Path:
@@ -66,7 +80,7 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     world = world or world_size()
     t = cfg.train
     path = path or t.deepspeed_config or str(default_ds_config(world))
-    p = Path(path)
+    p = find_ds_config(path)
     if not p.is_file():
         hint = _fitting_files(world, None)
         raise ConfigError(f"ds_config {path}: no such file" + (f"; for {world} process(es) use {hint[0][0]}"
@@ -81,14 +95,19 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
                               f"got {ds.get(key)!r}")
     glob_bs, micro, acc = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], \
         ds["gradient_accumulation_steps"]
-    if glob_bs != micro * acc * world:
+    if glob_bs != micro * acc * world and t.gradient_accumulation_steps is None:
         raise ConfigError(f"ds_config {path} does not fit {world} process(es): train_batch_size {glob_bs} != "
                           f"micro {micro} x accumulation {acc} x world {world}; "
                           + _mismatch_hint(world, p, glob_bs, micro))
     ds = copy.deepcopy(ds)
 
-    # batch: a micro-batch override keeps the global batch and re-derives accumulation
-    if t.micro_batch_size is not None and t.micro_batch_size != micro:
+    # batch: a micro-batch override keeps the global batch and re-derives accumulation; with accumulation given too
+    # (seed configs), the global batch follows from both
+    if t.gradient_accumulation_steps is not None:
+        micro = t.micro_batch_size or micro
+        ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, t.gradient_accumulation_steps
+        ds["train_batch_size"] = micro * t.gradient_accumulation_steps * world
+    elif t.micro_batch_size is not None and t.micro_batch_size != micro:
         micro = t.micro_batch_size
         if glob_bs % (micro * world):
             raise ConfigError(f"train.micro_batch_size={micro}: global batch {glob_bs} (from {path}) is not "

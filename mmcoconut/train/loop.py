@@ -134,6 +134,9 @@ def _train(cfg, ds, plan, rank, world) -> dict:
     hf_ds = hf_zero3_context(ds)  # noqa: F841  (ZeRO-3: must be alive while the model is built)
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer)
+    if cfg.model.init_from and plan is None:  # seed: load_model_path (a resumed run has its checkpoint's weights)
+        from mmcoconut.model.init_from import load_init_weights
+        load_init_weights(model, cfg.model.init_from, rank)
     processor = build_image_processor(cfg.model)
 
     micro, acc = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
@@ -162,6 +165,9 @@ def _train(cfg, ds, plan, rank, world) -> dict:
         _loop(cfg, engine, loader, state, tracker, steps_per_epoch, tokenizer, processor, rank, world, rng)
     finally:
         tracker.close()
+    if cfg.checkpoint.export_final:  # Hugging Face dir from the live engine (every rank gathers, rank 0 writes)
+        from mmcoconut.model.export import export_engine
+        export_engine(engine, cfg, state, tokenizer, processor, rank)
     return state.state_dict()
 
 

@@ -1,0 +1,312 @@
+"""Hugging Face-native model: config/model/processor round trips, the answer API, the shipped code (loads where
+mmcoconut is not importable, also after a push to a Hub-like server), and the bundler's rules."""
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CHOICES = ["red", "blue", "green", "yellow"]
+QUESTIONS = ["What color is the cube?", "How many shapes are there? Count the circles", "The ball is red."]
+
+
+def _image(seed: int, size=40):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size, size + 7, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module")
+def hf_export(tmp_path_factory, tiny_dirs, eval_cfg_factory):
+    """A tiny model built from *copies* of the tiny dirs, exported; the copies are deleted afterwards, so loading
+    the export can only use what is inside it."""
+    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.model.export import save_export
+    d = tmp_path_factory.mktemp("hfexp")
+    lm, vision = shutil.copytree(tiny_dirs["lm"], d / "src" / "lm"), shutil.copytree(tiny_dirs["vision"],
+                                                                                     d / "src" / "vision")
+    cfg = eval_cfg_factory({"model.lm_id": str(lm), "model.vision_id": str(vision), "eval.max_new_tokens": 12})
+    torch.manual_seed(0)
+    tok = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tok).eval()
+    with torch.no_grad():  # visible logits (see conftest.build_tiny_mmcoconut)
+        for name, p in model.lm.named_parameters():
+            if p.dim() == 2:
+                p.mul_(2.0 if "wte" in name or "wpe" in name else 6.0)
+    out = save_export(model, tok, cfg, d / "export", image_processor=build_image_processor(cfg.model))
+    shutil.rmtree(d / "src")
+    return out, model, tok, cfg
+
+
+def test_config_and_weights_round_trip(hf_export):
+    from mmcoconut.hf import MMCoconutConfig, MMCoconutForConditionalGeneration
+    out, model, _, cfg = hf_export
+    conf = MMCoconutConfig.from_pretrained(out)
+    assert conf.num_image_tokens == model.n_image_tokens and conf.default_n_latents == 2
+    assert conf.special_ids["latent"] == model.ids.latent and conf.text_config.vocab_size == model.lm.config.vocab_size
+    hf = MMCoconutForConditionalGeneration.from_pretrained(out)
+    sd, ref = hf.model.state_dict(), model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert hf.model.lm.lm_head.weight is hf.model.lm.transformer.wte.weight  # still tied after loading
+    assert all(not p.requires_grad for p in hf.model.vision.parameters())  # frozen tower stays frozen
+
+
+def test_wrapper_computes_what_mmcoconut_computes(hf_export):
+    """Same logits and the same KV-cached generation as the training model (the HF class only wraps it)."""
+    from conftest import make_mm_batch
+    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    out, model, tok, _ = hf_export
+    hf = MMCoconutForConditionalGeneration.from_pretrained(out).eval()
+    batch = make_mm_batch(model, tok, [2, 0, 1])
+    with torch.no_grad():
+        a, b = model(**batch), hf(**batch)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+
+
+def test_processor_prompt_is_build_prompt(hf_export):
+    """The processor's prompt ids equal the data pipeline's (curriculum.build_prompt) for every view."""
+    from mmcoconut.data.curriculum import build_prompt
+    from mmcoconut.hf import MMCoconutProcessor
+    from mmcoconut.prompt import choices_suffix
+    out, model, tok, cfg = hf_export
+    proc = MMCoconutProcessor.from_pretrained(out)
+    sample = {"question": QUESTIONS[0] + choices_suffix(CHOICES), "steps": ["a", "b", "c"], "answer": "0"}
+    for view in ("coconut", "dummy", "cot", "nocot"):
+        for n in (0, 2, 5):
+            ref = build_prompt(dict(sample), tok, model.ids, view=view, stage=2, cur=cfg.curriculum,
+                               n_image_tokens=model.n_image_tokens, max_length=256, key="k", n_latents=n)
+            assert proc.prompt(QUESTIONS[0], CHOICES, view, n) == ref["input_ids"], (view, n)
+            # a question that already carries its choices is not extended twice
+            assert proc.prompt(sample["question"], CHOICES, view, n) == ref["input_ids"]
+    plain = build_prompt({"question": "q?", "steps": []}, tok, model.ids, view="cot", stage=0, cur=cfg.curriculum,
+                         n_image_tokens=model.n_image_tokens, max_length=256, key="k")
+    assert proc.prompt("q?", None, "cot") == plain["input_ids"]
+    assert model.ids.start in plain["input_ids"]  # a coconut-trained model's cot prompt ends with START END
+
+
+def test_answer_batched_equals_one_by_one_and_parses(hf_export):
+    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    out, _, _, _ = hf_export
+    hf = MMCoconutForConditionalGeneration.from_pretrained(out)
+    images = [_image(i) for i in range(3)]
+    for view in ("coconut", "cot", "nocot", "dummy"):
+        batched = hf.answer(images, QUESTIONS, choices=[CHOICES, None, CHOICES[:2]], view=view, batch_size=3)
+        single = [hf.answer(im, q, choices=c, view=view)
+                  for im, q, c in zip(images, QUESTIONS, [CHOICES, None, CHOICES[:2]])]
+        assert batched == single, view
+    r = batched[0]
+    assert set(r) == {"text", "rationale", "answer", "choice", "choice_index", "fallback", "view", "n_latents",
+                      "n_tokens"}
+    assert r["choice"] == CHOICES[r["choice_index"]] and isinstance(r["fallback"], bool)
+    assert batched[1]["choice"] is None and batched[1]["fallback"] is None
+    assert hf.answer(images[0], QUESTIONS[0], n_latents=5)["n_latents"] == 5
+    proc = hf.get_processor()  # parse: the answer after the last marker, the steps before it, choice mapping
+    assert proc.parse("step one.\nstep two.\n### 2", CHOICES) == {
+        "text": "step one.\nstep two.\n### 2", "rationale": "step one.\nstep two.", "answer": "2",
+        "choice": "green", "choice_index": 2, "fallback": False}
+    assert proc.parse("### grene", CHOICES)["fallback"] is True
+    with pytest.raises(ValueError, match="view"):
+        hf.answer(images[0], QUESTIONS[0], view="latent")
+
+
+def test_auto_classes_with_mmcoconut_installed(hf_export):
+    """Importing mmcoconut.hf registers the model type: no trust_remote_code needed, the package's classes load."""
+    import mmcoconut.hf
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+    out, _, _, _ = hf_export
+    assert type(AutoConfig.from_pretrained(out)) is mmcoconut.hf.MMCoconutConfig
+    assert type(AutoModel.from_pretrained(out)) is mmcoconut.hf.MMCoconutForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(out)) is mmcoconut.hf.MMCoconutProcessor
+
+
+# ------------------------------------------------------------------------ remote code, no mmcoconut importable
+REMOTE = textwrap.dedent('''
+    import importlib.abc, json, sys
+    class Block(importlib.abc.MetaPathFinder):  # the shared venv has mmcoconut installed: hide it completely
+        def find_spec(self, name, path=None, target=None):
+            if name == "mmcoconut" or name.startswith("mmcoconut."):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+    sys.meta_path.insert(0, Block())
+    try:
+        import mmcoconut
+        raise SystemExit("mmcoconut is importable")
+    except ModuleNotFoundError:
+        pass
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+    path, images = sys.argv[1], sys.argv[2].split(",")
+    questions, choices = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    model = AutoModel.from_pretrained(path, trust_remote_code=True)
+    proc = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    out = model.answer([Image.open(p) for p in images], questions, choices=choices)
+    out += [model.answer(images[0], questions[0], choices=choices[0], view="cot")]
+    assert not [m for m in sys.modules if m == "mmcoconut" or m.startswith("mmcoconut.")]
+    print("RESULT " + json.dumps({"answers": out, "model": type(model).__module__, "proc": type(proc).__name__}))
+''')
+
+
+def run_remote(export, tmp_path, images, choices):
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    p = subprocess.run([sys.executable, "-I", str(script), str(export), ",".join(map(str, images)),
+                        json.dumps(QUESTIONS), json.dumps(choices)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def test_export_loads_and_answers_without_mmcoconut(hf_export, tmp_path):
+    """AutoModel(trust_remote_code) in a process where `import mmcoconut` fails, cwd and sys.path outside the repo,
+    from a copy of the export in another place: the same answers as the package computes."""
+    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    out, _, _, _ = hf_export
+    moved = shutil.copytree(out, tmp_path / "elsewhere" / "my-model")
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"img{i}.png")
+        _image(i).save(images[-1])
+    choices = [CHOICES, None, CHOICES[:2]]
+    got = run_remote(moved, tmp_path, images, choices)
+    assert got["model"].startswith("transformers_modules.") and got["proc"] == "MMCoconutProcessor"
+    hf = MMCoconutForConditionalGeneration.from_pretrained(out)
+    ref = hf.answer([Image.open(p) for p in images], QUESTIONS, choices=choices)
+    ref += [hf.answer(str(images[0]), QUESTIONS[0], choices=CHOICES, view="cot")]
+    assert got["answers"] == ref
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The four Hub endpoints create_repo + create_commit use, storing committed files in `root/<repo>`."""
+    root: Path = None
+
+    def _reply(self, obj, code=200):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        host = f"http://{self.headers['Host']}"
+        if self.path == "/api/repos/create":
+            req = json.loads(body)
+            return self._reply({"url": f"{host}/{req['organization']}/{req['name']}"})
+        if self.path == "/api/validate-yaml":
+            return self._reply({})
+        parts = self.path.split("?")[0].split("/")  # /api/models/<org>/<name>/<preupload|commit>/<rev>
+        repo, action = "/".join(parts[3:5]), parts[5]
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                          for f in files]})
+        if action == "commit":
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    dest = self.root / repo / item["value"]["path"]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(base64.b64decode(item["value"]["content"]))
+            return self._reply({"commitUrl": f"{host}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
+        return self._reply({"error": self.path}, 404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_push_to_hub_uploads_a_loadable_repo(hf_export, tmp_path, monkeypatch):
+    """push_to_hub against a local server speaking the Hub's upload API (huggingface_hub has no file:// backend):
+    the committed repo holds weights, code, processor and card, and loads without mmcoconut."""
+    import huggingface_hub.constants
+    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    FakeHub.root = tmp_path / "hub"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    out, _, _, _ = hf_export
+    try:
+        info = MMCoconutForConditionalGeneration.from_pretrained(out).push_to_hub("me/tiny-coconut", token="hf_x")
+    finally:
+        server.shutdown()
+    repo = FakeHub.root / "me" / "tiny-coconut"
+    assert info.oid == "0" * 40
+    assert {p.name for p in out.iterdir()} == {p.name for p in repo.iterdir()}
+    img = tmp_path / "a.png"
+    _image(0).save(img)
+    got = run_remote(repo, tmp_path, [img] * 3, [CHOICES] * 3)
+    assert len(got["answers"]) == 4
+
+
+# ----------------------------------------------------------------------------------------------- bundler
+def _pkg(tmp_path, files: dict) -> Path:
+    """A throw-away package root/ (with __init__.py) holding hf/<entry modules> and the given extra files."""
+    root = tmp_path / "pkg"
+    for rel, text in {"__init__.py": "", "hf/__init__.py": "", "hf/configuration_mmcoconut.py": "X = 1\n",
+                      "hf/processing_mmcoconut.py": "Y = 2\n", **files}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root / "hf"
+
+
+def test_bundle_rewrites_imports_and_refuses_unshippable_ones(tmp_path):
+    from mmcoconut.hf.bundle import BundleError, write_code
+    hf = _pkg(tmp_path, {
+        "hf/modeling_mmcoconut.py": "from ..model.core import f\n",
+        "model/__init__.py": "",
+        "model/core.py": textwrap.dedent('''
+            import torch
+            from ..util.tokens import T
+            try:
+                from ..kernels import fast
+            except ImportError:
+                fast = None
+            def f():
+                import deepspeed
+                from deepspeed.utils import safe_get_full_fp32_param as g
+                return T
+        '''),
+        "util/__init__.py": "", "util/tokens.py": "T = 3\n", "kernels/__init__.py": "fast = 1\n"})
+    files = write_code(tmp_path / "out", here=hf)
+    assert files == ["configuration_mmcoconut.py", "core.py", "modeling_mmcoconut.py", "processing_mmcoconut.py",
+                     "tokens.py"]
+    core = (tmp_path / "out" / "core.py").read_text()
+    assert "from .tokens import T" in core and "from ..kernels" not in core and "raise ImportError" in core
+    assert 'import_module("deepspeed")' in core and "g = _mod.safe_get_full_fp32_param" in core
+    assert "import deepspeed\n" not in core
+    # the generated code imports and runs as a flat package (fast falls back, the lazy import is never run)
+    (tmp_path / "out" / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import out.core
+        assert out.core.fast is None and out.core.T == 3
+    finally:
+        sys.path.remove(str(tmp_path))
+    bad = _pkg(tmp_path / "b", {"hf/modeling_mmcoconut.py": "import deepspeed\n"})
+    with pytest.raises(BundleError, match="modeling_mmcoconut.py:1: module-level import of deepspeed"):
+        write_code(tmp_path / "out2", here=bad)
+    bad = _pkg(tmp_path / "c", {"hf/modeling_mmcoconut.py": "from .. import tokens\n", "tokens.py": ""})
+    with pytest.raises(BundleError, match="imports modules by name"):
+        write_code(tmp_path / "out3", here=bad)
+
+
+def test_shipped_code_is_the_package_code(hf_export):
+    """Every shipped file is the package module with only its import lines rewritten (nothing hand-copied)."""
+    from mmcoconut.hf.bundle import collect, flat_names
+    out, _, _, _ = hf_export
+    names = flat_names(collect())
+    assert set(names.values()) == {p.stem for p in out.glob("*.py")}
+    for src, name in names.items():
+        shipped = [ln for ln in (out / f"{name}.py").read_text().splitlines()[1:] if "import" not in ln.lower()]
+        original = [ln for ln in src.read_text().splitlines() if "import" not in ln.lower()]
+        assert shipped == original, name
