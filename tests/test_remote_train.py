@@ -6,6 +6,8 @@ import shutil
 import pytest
 import torch
 
+from mmcoconut.train.tracking import read_metrics
+
 from shard_server import ShardServer
 from test_train_ds import _losses, launch, ok, setup  # noqa: F401  (setup: module fixture, shards + configs)
 
@@ -35,7 +37,9 @@ def test_two_ranks_from_http_skip_then_exact_resume(setup, server):  # noqa: F81
     r = ok(launch(2, args + [f"--logging.run_dir={run}"]))
     assert "train-000001.tar" not in server.cut and server.hits["train-000001.tar"] >= 2
     assert "retry 1/1" in r.stdout and "gave up after 2 attempts" in r.stdout, r.stdout[-4000:]
-    assert "skipped so far: 1" in r.stdout and "connection closed after" in r.stdout
+    assert "[unreadable_shard; 1 skipped for this reason so far]" in r.stdout and "connection closed after" in r.stdout
+    last = read_metrics(run, "train")[-1]
+    assert last["skipped_unreadable_shard"] == 1, last  # the given-up shard reaches metrics.jsonl (skip accounting)
     a = _losses(run)
     assert sorted(a) == list(range(1, 9))  # 8 steps: the rank that lost samples cycled its shards (equal batches)
     fails = _shard_failures(run / "step00000003")

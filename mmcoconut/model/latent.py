@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tokens import SpecialIds
-from . import kvcache
+from .kvcache import StaticKV, install as install_kv_hook
 from .plan import LatentPlan, Layout, plan_batch
 from .vision import encode_images
 
@@ -101,7 +101,7 @@ class MMCoconut(nn.Module):
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.transformer.forward).parameters \
             else "past_key_values"
         self._compiled: dict = {}  # enable_compile: "multi"/"one" -> compiled per-pass LM call
-        kvcache.install(lm)
+        install_kv_hook(lm)
         self._maybe_register_zero3()
 
     # ------------------------------------------------------------------------------------------- modes
@@ -263,7 +263,7 @@ class MMCoconut(nn.Module):
         full = (ar[None, :] <= ar[:, None])[None, None] & keep[:, None, None, :]  # [B,1,Tp,Tp] causal & padding
         strict = (ar[None, :] < ar[:, None])[None, None] & keep[:, None, None, :]
         cfg = self.lm.config
-        kv = kvcache.StaticKV(cfg.n_layer, B, cfg.n_head, Tp, cfg.n_embd // cfg.n_head, emb.dtype, dev)
+        kv = StaticKV(cfg.n_layer, B, cfg.n_head, Tp, cfg.n_embd // cfg.n_head, emb.dtype, dev)
         has = plan.latent_counts[None, :] > torch.arange(plan.m_local, device=dev)[:, None]  # [m, B]
         hs, h_last, last = [], None, len(lay.bounds) - 1
         for k, (a, b) in enumerate(lay.bounds):
