@@ -105,6 +105,7 @@ class EvalConfig:
     val_samples: Optional[int] = 256  # per-stage validation budget during training (None: all)
     val_every_epoch: bool = True
     dummy_latent: str = _choice("zeros", "zeros", "random")
+    annotations: Optional[str] = None  # official annotation json = the expected question set (default: the shards)
 
 
 @dataclass
