@@ -170,3 +170,38 @@ def test_two_rank_eval_gathers_every_question_once(tiny, eval_shards, tmp_path):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["view"], r["n"]) for r in recs] == [("nocot", 13), ("dummy", 13)]  # written once, by rank 0
     assert "nocot" in p.stdout and "dummy" in p.stdout
+
+
+def test_per_sample_latent_counts_batched_equal_one_by_one(tiny_dirs, eval_cfg_factory, tmp_path):
+    """Chain shards with 1-4 hops: the coconut view gives each prompt min(max_latent_stage, #steps, stage) *
+    c_thought latents (Coconut, pad_latent_to_max false), and batches of 5 mixed counts generate exactly what
+    batches of one do."""
+    from conftest import build_tiny_mmcoconut
+    from mmcoconut.model import build_image_processor
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_shards
+    out = tmp_path / "chain"
+    assert make_shards.main(["--synthetic", "9", "--task", "chain", "--hops", "1-4", "--seed", "2", "--split", "val",
+                             "--out", str(out), "--maxcount", "4", "--image-size", "32", "--workers", "1",
+                             "--no-progress"]) == 0
+    hops = {q: r["hops"] for q, r in shard_records(str(out)).items()}
+    assert len(set(hops.values())) >= 3
+    cfg = eval_cfg_factory({"curriculum.max_latent_stage": 3, "curriculum.c_thought": 2,
+                            "curriculum.pad_latent_to_max": False, "eval.max_new_tokens": 6})
+    model, tok = build_tiny_mmcoconut(tiny_dirs, "patches")
+    improc = build_image_processor(cfg.model)
+    gens = {}
+    for stage in (2, 3):
+        for bs in (5, 1):
+            d = tmp_path / f"s{stage}b{bs}"
+            res = evaluate(model, tok, improc, cfg, str(out / "val"), ["coconut", "dummy"], str(d), stage=stage,
+                           batch_size=bs, verbose=False)
+            assert res["coconut"]["n_scored"] == 9
+            for view in ("coconut", "dummy"):
+                gens[stage, bs, view] = {g["question_id"]: (g["text"], g["n_latents"]) for g in
+                                         map(json.loads, (d / f"generations_{view}.jsonl").read_text().splitlines())}
+        for view in ("coconut", "dummy"):
+            assert gens[stage, 5, view] == gens[stage, 1, view], (stage, view)
+            assert {q: n for q, (_, n) in gens[stage, 5, view].items()} == \
+                {q: min(3, h, stage) * 2 for q, h in hops.items()}
+    assert len({t for t, _ in gens[3, 5, "coconut"].values()}) > 1  # non-degenerate generations

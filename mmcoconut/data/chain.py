@@ -158,8 +158,9 @@ def chain_texts(n: int, seed: int, hops: str | int = "1-4") -> list[str]:
     return [record_text(rec) for rec in iter_records(n, seed, hops)]
 
 
-def chain_records(n: int, seed: int, hops: str | int = 3):
+def chain_records(n: int, seed: int, hops: str | int | tuple = 3):
     """Work items for mmcoconut.data.sharding.write_shards (images drawn by the workers)."""
     from .sources import WorkItem
-    for rec in iter_records(n, seed, hops):
-        yield WorkItem(rec["question_id"], rec, ChainImage(rec["tiles"]))
+    hs = hops if isinstance(hops, tuple) else parse_hops(hops)  # errors now, not at the first item
+    return (WorkItem(rec["question_id"], rec, ChainImage(rec["tiles"])) for rec in iter_records(n, seed, hs))
+
