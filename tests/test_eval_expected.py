@@ -1,6 +1,6 @@
 """Evaluation against the full expected set, compared with the official A-OKVQA scorer on the same predictions
 file: full shards, a truncated shard, a deleted shard, overlong samples, a --max-samples subset, an annotation
-file.
+file, shards without questions.jsonl.
 
 `official_scores` re-derives allenai/aokvqa evaluation/eval_predictions.py (its __main__ with strict=False): the
 dataset is every question of the annotation file; DA keeps questions whose difficult_direct_answer is False; a
@@ -140,7 +140,6 @@ def test_truncated_shard_counts_missing_as_zero(tiny, shards, tmp_path):
     assert res["n_expected"] == N and res["n_scored"] == N - 1 and res["n_missing"] == 1
     assert res["missing"] == {"unreadable": 1} and len(preds) == N - 1
     recs = official_records()
-    assert not recs[-1]["difficult_direct_answer"]  # the lost question counts in official DA too
     assert_official(res, preds, recs)
     # the same with the annotation file: the expected set is its questions, the lost one scores 0
     res2, preds2 = run_eval(tiny, str(tmp_path / "trunc" / "val"), tmp_path / "eval2",
@@ -151,15 +150,25 @@ def test_truncated_shard_counts_missing_as_zero(tiny, shards, tmp_path):
 
 def test_deleted_shard_and_overlong_samples(tiny, shards, tmp_path, eval_cfg_factory):
     shutil.copytree(shards / "shards", tmp_path / "s")
-    (tmp_path / "s" / "val-000001.tar").unlink()  # 4 questions (indices 4-7); listed in sizes.json
+    (tmp_path / "s" / "val-000001.tar").unlink()  # 4 questions (indices 4-7, one difficult); in sizes.json
     exp = expected_set(str(tmp_path / "s" / "val"))
     assert exp.n_expected == N and len(exp.unknown) == 4 and "missing shard" in exp.unknown[0][1]
+    assert [u[2]["question_id"] for u in exp.unknown] == [synthetic.record_key(i, 5) for i in range(4, 8)]
     recs = official_records()
-    # questions 4-7 are gone; with the annotation file the result is the official one, difficult ones included
-    res, preds = run_eval(tiny, str(tmp_path / "s" / "val"), tmp_path / "e",
+    # questions.jsonl names the lost questions and their DA status: the official figures without annotations
+    res, preds = run_eval(tiny, str(tmp_path / "s" / "val"), tmp_path / "e")
+    assert res["missing"] == {"missing shard": 4} and len(preds) == N - 4 and res.get("note") is None
+    assert_official(res, preds, recs)
+    # and with the annotation file
+    res, preds = run_eval(tiny, str(tmp_path / "s" / "val"), tmp_path / "e2",
                           annotations=str(shards / "aokvqa_v1p0_val.json"))
     assert res["missing"] == {"not in the shards": 4} and len(preds) == N - 4
     assert_official(res, preds, recs)
+    # without questions.jsonl the lost questions count in DA too (difficulty unknown): MC stays official, a note
+    (tmp_path / "s" / "questions.jsonl").unlink()
+    res, preds = run_eval(tiny, str(tmp_path / "s" / "val"), tmp_path / "e3")
+    off = official_scores(recs, preds)
+    assert res["mc"] == pytest.approx(off["mc"]) and res["n_da"] == 12 and "DA counts 4 lost" in res["note"]
     # overlong prompts are skipped (data.overlong=skip) and scored 0 with their reason
     model, tok, improc, _ = tiny
     lengths = {r["question_id"]: len(tok.encode(r["question"] + "\n")) for r in recs}

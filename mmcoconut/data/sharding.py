@@ -4,6 +4,9 @@
 - `<out_dir>/sizes.json`: shard basename -> sample count (open_clip's convention), merged with other splits';
 - `<out_dir>/errors.jsonl`: one `{"split", "key", "source", "reason"}` line per skipped item; this split's old
   lines are replaced, other splits' kept.
+- `<out_dir>/questions.jsonl`: one `{"split", "shard", "key", "question_id", "mc", "da"}` line per written sample, in
+  tar order (mc / da: whether the official scorer counts the question in that mode); this split's old lines are
+  replaced. Evaluation reads it to name and count the questions of a truncated or lost shard exactly.
 
 Images are decoded/drawn and encoded in a process pool (ordered `imap`), while the main process alone writes, so the
 shards are byte-identical for any number of workers (tar mtimes are fixed too).
@@ -98,8 +101,8 @@ def _update_sizes(out_dir: Path, split: str, sizes: dict[str, int]) -> None:
     _write_json_atomic(path, json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
 
 
-def _update_errors(out_dir: Path, split: str, errors: list[dict]) -> None:
-    path = out_dir / "errors.jsonl"
+def _update_errors(out_dir: Path, split: str, errors: list[dict], name: str = "errors.jsonl") -> None:
+    path = out_dir / name
     kept = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -111,6 +114,14 @@ def _update_errors(out_dir: Path, split: str, errors: list[dict]) -> None:
             kept.append(line)
     lines = kept + [json.dumps(e, ensure_ascii=False) for e in errors]
     _write_json_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def question_entry(split: str, shard: str, key: str, record: dict) -> dict:
+    """The questions.jsonl line of one written sample."""
+    mc = record.get("correct_choice_idx") is not None and bool(record.get("choices"))
+    da = bool(record.get("direct_answers")) and not record.get("difficult_direct_answer", False)
+    return {"split": split, "shard": shard, "key": key, "question_id": str(record.get("question_id", key)),
+            "mc": mc, "da": da}
 
 
 def _remove_old_shards(out_dir: Path, split: str) -> None:
@@ -143,6 +154,7 @@ def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, max
     start = time.perf_counter()
     sizes: dict[str, int] = {}
     errors: list[dict] = []
+    questions: list[dict] = []
     seen: set[str] = set()
     pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
     tasks = ((item, image_size) for item in items)
@@ -162,10 +174,12 @@ def write_shards(items: Iterable[WorkItem], out_dir: str | Path, split: str, max
             sink.write({"__key__": item.key, "jpg": jpeg, "json": record_json})
             name = Path(sink.fname).name
             sizes[name] = sizes.get(name, 0) + 1
+            questions.append(question_entry(split, name, item.key, item.record))
     if not sizes:  # ShardWriter opens its first tar eagerly; do not leave an empty shard behind
         (out_dir / f"{split}-000000.tar").unlink(missing_ok=True)
     _update_sizes(out_dir, split, sizes)
     _update_errors(out_dir, split, errors)
+    _update_errors(out_dir, split, questions, "questions.jsonl")
 
     seconds = time.perf_counter() - start
     written = sum(sizes.values())

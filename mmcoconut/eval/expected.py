@@ -7,9 +7,10 @@ its annotation file and scores a missing prediction 0; so do we, over:
 - the annotation file when one is given (`eval.annotations` / `--annotations`): every question in it;
 - otherwise the shards: every readable sample's json (the shard json keeps the official fields) plus, for each
   shard, the samples its `sizes.json` count declares but the tar does not hold (truncated or corrupt), and,
-  for a directory or `dir/<split>` spec, the shards that `sizes.json` lists but that are gone. Their records are
-  unknown: they score 0 in MC and, since their difficulty is unknown, are counted in DA too (a note says so;
-  pass the annotation file for the official DA).
+  for a directory or `dir/<split>` spec, the shards that `sizes.json` lists but that are gone. These lost
+  samples score 0; `questions.jsonl` (written by make_shards next to sizes.json) names them and says whether
+  the official scorer counts each in MC / DA, so the figures equal the official ones; without it (shards
+  written by other tools) a lost sample counts in both modes and a note says the DA may differ.
 
 With `max_samples` the set is the subset at positions [0, max_samples) (position = shard offset from sizes.json +
 index in the shard, the EvalLoader's order), and it is reported as a subset.
@@ -30,8 +31,9 @@ _SHARD = re.compile(r"^(?P<split>.+)-\d{6}\.tar$")
 
 @dataclass
 class Expected:
-    """records: question_id -> record (official fields), in position order; unknown: (position, reason) of
-    declared samples whose record could not be read; key_to_qid: tar sample key -> question_id;
+    """records: question_id -> record (official fields), in position order; unknown: (position, reason, flags)
+    of declared samples whose record could not be read, flags = their questions.jsonl line ({question_id, mc,
+    da}) or None when unknown; key_to_qid: tar sample key -> question_id;
     missing_reason: question_id -> why it can have no prediction, known before generation."""
     records: dict = field(default_factory=dict)
     unknown: list = field(default_factory=list)
@@ -69,6 +71,33 @@ def _sibling_shards(spec: str, urls: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def _manifests(urls: list[str]) -> dict:
+    """shard path -> its questions.jsonl lines in tar order (shards whose folder has the file)."""
+    out: dict = {}
+    for folder in sorted({os.path.dirname(u) for u in urls}):
+        path = os.path.join(folder, "questions.jsonl")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        q = json.loads(line)
+                        out.setdefault(os.path.join(folder, q["shard"]), []).append(q)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable manifest only costs exactness: lost samples count as unknown
+    return out
+
+
+def _flags(manifest: dict, shard: str, index: int, declared: int) -> Optional[dict]:
+    """The questions.jsonl line of sample `index` of `shard`, if the manifest agrees with sizes.json."""
+    lines = manifest.get(shard)
+    if not lines or len(lines) != declared or index >= len(lines):
+        return None
+    q = lines[index]
+    return {"question_id": str(q.get("question_id")), "mc": bool(q.get("mc")), "da": bool(q.get("da"))}
+
+
 def _read_json(raw: dict) -> Optional[dict]:
     try:
         rec = json.loads(raw["json"])
@@ -84,6 +113,7 @@ def from_shards(shards: str, max_samples: Optional[int] = None) -> Expected:
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     limit = None if max_samples is None else max(0, int(max_samples))
     exp = Expected(subset=limit)
+    manifest = _manifests(urls)
     errors: list[str] = []
     dups: list[str] = []
     seen_per_shard = [0] * len(urls)
@@ -93,7 +123,8 @@ def from_shards(shards: str, max_samples: Optional[int] = None) -> Expected:
             key = raw.get("__key__", f"{os.path.basename(u)}#{pos - off}")
             rec = _read_json(raw)
             if rec is None:
-                exp.unknown.append((pos, f"corrupt: {os.path.basename(u)} sample {key!r}: unreadable json"))
+                exp.unknown.append((pos, f"corrupt: {os.path.basename(u)} sample {key!r}: unreadable json",
+                                    _flags(manifest, u, pos - off, sizes[u_i])))
                 continue
             qid = str(rec.get("question_id", key))
             if qid in exp.records:  # scored once, as the predictions are
@@ -103,14 +134,19 @@ def from_shards(shards: str, max_samples: Optional[int] = None) -> Expected:
             exp.key_to_qid[key] = qid
     end = sum(sizes) if limit is None else min(limit, sum(sizes))
     for u, off, n, seen in zip(urls, offsets, sizes, seen_per_shard):
-        lost = [p for p in range(off + seen, off + n) if p < end]
-        if lost:
-            exp.unknown += [(p, f"unreadable: {os.path.basename(u)} holds {seen} readable samples, sizes.json "
-                                f"declares {n} (truncated or corrupt shard)") for p in lost]
+        for p in range(off + seen, min(off + n, end)):
+            fl = _flags(manifest, u, p - off, n)
+            q = f" ({fl['question_id']})" if fl else ""
+            exp.unknown.append((p, f"unreadable: {os.path.basename(u)} holds {seen} readable samples, sizes.json "
+                                   f"declares {n} (truncated or corrupt shard){q}", fl))
     if limit is None:  # a subset is defined by positions of the shards given; absent shards are outside it
+        manifest.update(_manifests([p for p, _ in _sibling_shards(shards, urls)]))
         for path, n in _sibling_shards(shards, urls):
-            exp.unknown += [(-1, f"missing shard: {os.path.basename(path)} is listed in sizes.json "
-                                 f"({n} samples) but not found") for _ in range(n)]
+            for j in range(n):
+                fl = _flags(manifest, path, j, n)
+                q = f" ({fl['question_id']})" if fl else ""
+                exp.unknown.append((-1, f"missing shard: {os.path.basename(path)} is listed in sizes.json "
+                                        f"({n} samples) but not found{q}", fl))
     if dups:
         exp.notes.append(f"{len(dups)} samples repeat a question_id and are scored once (e.g. {dups[0]!r})")
     if errors:

@@ -34,7 +34,7 @@ def score_rows(rows: Sequence[dict], expected: Optional[Expected] = None) -> dic
             gen.append(r)
     if expected is None:
         expected = Expected(records={r["question_id"]: {**r["meta"], "question_id": r["question_id"]} for r in gen},
-                            unknown=[(-1, reason) for reason in skipped.values()], source="generated rows")
+                            unknown=[(-1, reason, None) for reason in skipped.values()], source="generated rows")
     preds, fallback, empty = {}, 0, 0
     for r in gen:
         choices = r["meta"].get("choices")
@@ -53,17 +53,18 @@ def score_rows(rows: Sequence[dict], expected: Optional[Expected] = None) -> dic
         if q not in preds:
             reasons[q] = expected.missing_reason.get(q) or skipped_qid.get(q) or \
                 "no generation: the question was not generated (not read by any rank)"
-    all_reasons = list(reasons.values()) + [why for _, why in expected.unknown]
+    all_reasons = list(reasons.values()) + [u[1] for u in expected.unknown]
     m = evaluate_predictions(list(expected.records.values()), preds)
-    n_unknown = len(expected.unknown)
     notes = [m["note"]] if m.get("note") else []
-    for mode in ("mc", "da"):
-        if m[mode] is not None and n_unknown:  # declared samples without a record: each scores 0
+    for mode in ("mc", "da"):  # lost samples (no record) score 0 in the modes that count them
+        lost = sum(1 for u in expected.unknown if u[2] is None or u[2][mode])
+        if m[mode] is not None and lost:
             n = m[f"n_{mode}"]
-            m[mode], m[f"n_{mode}"] = m[mode] * n / (n + n_unknown), n + n_unknown
-    if n_unknown and m["da"] is not None:
-        notes.append(f"DA counts {n_unknown} unreadable samples of unknown difficulty as scorable (each 0); "
-                     "pass the annotation file (--annotations) for the official DA")
+            m[mode], m[f"n_{mode}"] = m[mode] * n / (n + lost), n + lost
+    blind = sum(1 for u in expected.unknown if u[2] is None)
+    if blind and m["da"] is not None:
+        notes.append(f"DA counts {blind} lost samples of unknown difficulty as scorable (each 0): no "
+                     "questions.jsonl names them; pass the annotation file (--annotations) for the official DA")
     cats = Counter(_category(r) for r in all_reasons)
     examples = {}
     for r in all_reasons:
