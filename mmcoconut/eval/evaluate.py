@@ -196,7 +196,9 @@ def evaluate(model, tokenizer, image_processor, cfg, shards, views: Optional[Seq
             summary = {"views": results, "latent_use_gap": gap, "shards": str(shards), "world_size": world_size,
                        "expected": {"source": expected.source, "n_expected": expected.n_expected,
                                     "subset": expected.subset},
-                       "n_latents": "per sample" if n_latents is None else n_latents, "stage": stage,
+                       "n_latents": n_latents if n_latents is not None else next(
+                           (results[v]["n_latents"] for v in ("coconut", "dummy") if v in results), 0),
+                       "latents": "fixed" if n_latents is not None else "per sample", "stage": stage,
                        "notes": notes, "table": format_table(results), **(extra or {})}
             (out / "eval_results.json").write_text(json.dumps(summary, indent=1))
     return results
