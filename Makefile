@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo c
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmcoconut-installed
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo showcase
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash tools/demo.sh
+
+# A task where the continuous thoughts carry the reasoning (3-hop pointer chasing, tools/showcase.sh; SEED=1 make showcase).
+showcase: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash tools/showcase.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
