@@ -58,13 +58,19 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="model init, data order")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--save-stage0", default=None, help="save the model after stage 0 here (torch.save)")
+    ap.add_argument("--load-stage0", default=None, help="start from this saved stage-0 model, skip stage 0")
+    ap.add_argument("--models", default=None, help="tiny model dir to reuse (default: a fresh temp dir)")
+    ap.add_argument("--print-every", type=int, default=100, help="print the running loss every N steps")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     hops = chain.parse_hops(a.hops)
     max_stage = max(hops) if a.max_stage is None else a.max_stage
 
-    mdir = tempfile.mkdtemp(prefix="probe_chain_")
-    atexit.register(shutil.rmtree, mdir, ignore_errors=True)
+    mdir = a.models
+    if mdir is None:
+        mdir = tempfile.mkdtemp(prefix="probe_chain_")
+        atexit.register(shutil.rmtree, mdir, ignore_errors=True)
     tiny_models.make_tiny_models(mdir, preset="demo", texts=chain.chain_texts(2000, 0, "1-4"))
     cfg = load_config(str(DEMO_YAML), [f"--model.lm_id={mdir}/lm", f"--model.vision_id={mdir}/vision",
                                         f"--curriculum.c_thought={a.c_thought}",
@@ -75,6 +81,8 @@ def main(argv=None) -> None:
     tok, proc = build_tokenizer(cfg.model), build_image_processor(cfg.model)
     torch.manual_seed(a.seed)
     model = build_model(cfg.model, tok)
+    if a.load_stage0:
+        model.load_state_dict(torch.load(a.load_stage0, map_location="cpu"))
     ids, fast = SpecialIds.from_tokenizer(tok), FastClipPreprocess.build(proc)
     size = tiny_models.PRESETS["demo"]["image_size"]
 
@@ -151,7 +159,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     rng, order, t0, losses, step = random.Random(a.seed), [], time.time(), [], 0
     plan = [(0, a.stage0_steps)] if a.no_cot else \
-        [(0, a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
+        [(0, 0 if a.load_stage0 else a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
     print(f"chain hops {hops} | c_thought {a.c_thought} | stages {plan} | lr {a.lr} batch {a.bs} "
           f"train {a.ntrain} seed {a.seed} | uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
     model.train()
@@ -173,8 +181,15 @@ def main(argv=None) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
+            if a.print_every and step % a.print_every == 0:
+                print(f"  step {step} stage {stage} loss {sum(losses[-25:]) / len(losses[-25:]):.4f} | "
+                      f"{time.time() - t0:.0f}s", flush=True)
             if k == n_steps or (a.eval_every and k % a.eval_every == 0):
                 report(step, stage, losses, t0)
+        if stage == 0 and a.save_stage0 and n_steps:
+            torch.save(model.state_dict(), a.save_stage0)
+        if stage == 0 and a.load_stage0:
+            report(step, stage, losses, t0)
 
 
 if __name__ == "__main__":
