@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from ..data.curriculum import cot_markers
 from .expected import Expected, expected_set
 from .metrics import save_predictions
 from .scoring import format_table, latent_summary, latent_use_gap, score_rows, summary_line
@@ -181,9 +182,10 @@ def evaluate(model, tokenizer, image_processor, cfg, shards, views: Optional[Seq
     if rank == 0:
         if verbose:
             print(format_table(results), flush=True)
-            if gap is not None:
-                print(f"latent-use gap (coconut - dummy): MC {gap['mc']:+.2f} points, DA {gap['da']:+.2f} points",
-                      flush=True)
+            if gap is not None and cot_markers(cfg.curriculum):  # a model trained with latents
+                fmt = lambda v: "n/a" if v is None else f"{v:+.2f} points"  # noqa: E731
+                print(f"latent-use gap (coconut - dummy, {cfg.eval.dummy_latent} latents): MC {fmt(gap['mc'])}, "
+                      f"DA {fmt(gap['da'])}", flush=True)
             for note in notes:
                 print(f"note: {note}", flush=True)
         if out_dir is not None:

@@ -50,11 +50,11 @@ def decode_thoughts(model, tokenizer, row: dict, steps: list[str], c_thought: in
 def format_thoughts(key: str, question: str, thoughts: list[dict]) -> str:
     """Plain-text table of one sample's thoughts."""
     lines = [f"sample {key}: {question}"]
-    lines.append(f"  {'thought':>7}  {'replaces':<22} {'top-k (prob)':<52} cos to the replaced step's tokens")
+    lines.append(f"  {'thought':>7}  {'replaces':<22} top-k (prob) | cos to the replaced step's tokens")
     for e in thoughts:
         top = ", ".join(f"{t!r} {p:.2f}" for t, p in e["topk"])
         cos = " ".join(f"{t!r} {c:+.2f}" for t, c in zip(e.get("step_tokens", []), e.get("cos", [])))
-        lines.append(f"  {e['thought']:>7}  {e.get('step_text', '-')[:22]:<22} {top[:52]:<52} {cos}")
+        lines.append(f"  {e['thought']:>7}  {e.get('step_text', '-')[:22]:<22} {top} | {cos}")
     return "\n".join(lines)
 
 
