@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo c
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmcoconut-installed
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo showcase
 
 install: $(STAMP)
 	$(BIN)/python -m mmcoconut.kernels || echo "install: the C++ op did not build (see above); inject_embeddings falls back to the PyTorch reference"
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 
 demo: install
 	PATH=$(abspath $(BIN)):$$PATH bash tools/demo.sh
+
+# A task where the continuous thoughts carry the reasoning (3-hop pointer chasing, tools/showcase.sh; SEED=1 make showcase).
+showcase: install
+	PATH=$(abspath $(BIN)):$$PATH bash tools/showcase.sh
 
 test: install
 	$(BIN)/python -m pytest -q tests

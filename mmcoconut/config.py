@@ -115,6 +115,7 @@ class EvalConfig:
     val_samples: Optional[int] = 256  # per-stage validation budget during training (None: all)
     val_every_epoch: bool = True  # validate (loss + accuracy) after every epoch
     dummy_latent: str = _choice("zeros", "zeros", "random")  # what the dummy view puts in the latent slots
+    annotations: Optional[str] = None  # official annotation json = the expected question set (default: the shards)
 
 
 @dataclass

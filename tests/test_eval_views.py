@@ -43,13 +43,20 @@ def test_extract_answer():
     assert extract_answer("no marker") == "no marker"
 
 
-def check_predictions(path: Path, records: dict) -> dict:
+def check_predictions(path: Path, records: dict, generations: Path = None) -> dict:
+    """Every shard question predicted once; a choice, or "" exactly where the generated answer is empty."""
     preds = json.loads(path.read_text())
     assert set(preds) == set(records), f"{path.name}: question ids differ from the shards"
+    empty = set()
+    if generations is not None:
+        empty = {g["question_id"] for g in map(json.loads, generations.read_text().splitlines())
+                 if not g["answer"].strip()}
     for qid, p in preds.items():
         assert set(p) == {"multiple_choice", "direct_answer"}
-        assert p["multiple_choice"] in records[qid]["choices"]
-        assert isinstance(p["direct_answer"], str)
+        if qid in empty:
+            assert p == {"multiple_choice": "", "direct_answer": ""}
+        else:
+            assert p["multiple_choice"] in records[qid]["choices"] and isinstance(p["direct_answer"], str)
     return preds
 
 
@@ -85,12 +92,14 @@ def test_four_views(tiny, eval_shards, tmp_path):
         del model.generate
     assert list(res) == list(VIEWS)
     for view, r in res.items():
-        assert r["n"] == 13, view
+        assert r["n"] == r["n_expected"] == r["n_scored"] == 13 and r["n_missing"] == 0 and r["missing"] == {}
         assert 0 <= r["mc"] <= 100 and 0 <= r["da"] <= 100, (view, r)
-        assert 0 <= r["fallback"] <= 13 and r["samples_per_s"] > 0 and r["answer_len"] <= cfg.eval.max_new_tokens
-        check_predictions(tmp_path / f"predictions_{view}.json", records)
-        lines = (tmp_path / f"generations_{view}.jsonl").read_text().splitlines()
-        assert len(lines) == 13
+        assert 0 <= r["fallback"] + r["empty"] <= 13 and r["samples_per_s"] > 0
+        assert r["answer_len"] <= cfg.eval.max_new_tokens and r["subset"] is None
+        gens = tmp_path / f"generations_{view}.jsonl"
+        check_predictions(tmp_path / f"predictions_{view}.json", records, gens)
+        lines = [json.loads(x) for x in gens.read_text().splitlines()]
+        assert len(lines) == 13 and sum(not g["answer"].strip() for g in lines) == r["empty"]
     assert res["coconut"]["n_latents"] == 2 and res["nocot"]["n_latents"] == 0
     # dummy: the same prompts, latent inputs replaced by zeros; coconut feeds hidden states (never all-zero)
     assert seen["dummy_arg"] == {"other": {None}, "dummy": {"zeros"}}
@@ -99,9 +108,12 @@ def test_four_views(tiny, eval_shards, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["view"] for r in recs] == list(VIEWS) and all(r["kind"] == "eval" for r in recs)
     for r in recs:
-        assert {"mc", "da", "answer_len", "samples_per_s", "n", "fallback"} <= set(r)
+        assert {"mc", "da", "answer_len", "samples_per_s", "n", "n_expected", "n_scored", "n_missing", "missing",
+                "empty", "fallback", "subset"} <= set(r)
     summary = json.loads((tmp_path / "eval_results.json").read_text())
     assert set(summary["views"]) == set(VIEWS) and "dummy" in summary["table"]
+    assert summary["latent_use_gap"]["mc"] == pytest.approx(res["coconut"]["mc"] - res["dummy"]["mc"])
+    assert summary["expected"] == {"source": "shards", "n_expected": 13, "subset": None}
 
 
 def test_test_split_skips_metrics(tiny, eval_shards, tmp_path, monkeypatch):
@@ -116,7 +128,15 @@ def test_test_split_skips_metrics(tiny, eval_shards, tmp_path, monkeypatch):
             r["meta"] = {k: v for k, v in r["meta"].items() if k not in ("correct_choice_idx", "direct_answers")}
         return rows, secs
 
+    def strip_expected(*a):
+        exp = orig_expected(*a)
+        for q, rec in exp.records.items():
+            exp.records[q] = {k: v for k, v in rec.items() if k not in ("correct_choice_idx", "direct_answers")}
+        return exp
+
+    orig_expected = ev.expected_set
     monkeypatch.setattr(ev, "generate_view", strip_answers)
+    monkeypatch.setattr(ev, "expected_set", strip_expected)
     res = ev.evaluate(model, tok, improc, cfg, eval_shards, ["nocot"], str(tmp_path), max_samples=4)
     assert res["nocot"]["mc"] is None and res["nocot"]["da"] is None and "note" in res["nocot"]
     assert len(json.loads((tmp_path / "predictions_nocot.json").read_text())) == 4
@@ -144,9 +164,44 @@ def test_two_rank_eval_gathers_every_question_once(tiny, eval_shards, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = shard_records(eval_shards)
     for view in ("nocot", "dummy"):
-        check_predictions(out / f"predictions_{view}.json", records)
+        check_predictions(out / f"predictions_{view}.json", records, out / f"generations_{view}.jsonl")
         qids = [json.loads(x)["question_id"] for x in (out / f"generations_{view}.jsonl").read_text().splitlines()]
         assert sorted(qids) == sorted(records), view  # every question exactly once
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["view"], r["n"]) for r in recs] == [("nocot", 13), ("dummy", 13)]  # written once, by rank 0
     assert "nocot" in p.stdout and "dummy" in p.stdout
+
+
+def test_per_sample_latent_counts_batched_equal_one_by_one(tiny_dirs, eval_cfg_factory, tmp_path):
+    """Chain shards with 1-4 hops: the coconut view gives each prompt min(max_latent_stage, #steps, stage) *
+    c_thought latents (Coconut, pad_latent_to_max false), and batches of 5 mixed counts generate exactly what
+    batches of one do."""
+    from conftest import build_tiny_mmcoconut
+    from mmcoconut.model import build_image_processor
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_shards
+    out = tmp_path / "chain"
+    assert make_shards.main(["--synthetic", "9", "--task", "chain", "--hops", "1-4", "--seed", "2", "--split", "val",
+                             "--out", str(out), "--maxcount", "4", "--image-size", "32", "--workers", "1",
+                             "--no-progress"]) == 0
+    hops = {q: r["hops"] for q, r in shard_records(str(out)).items()}
+    assert len(set(hops.values())) >= 3
+    cfg = eval_cfg_factory({"curriculum.max_latent_stage": 3, "curriculum.c_thought": 2,
+                            "curriculum.pad_latent_to_max": False, "eval.max_new_tokens": 6})
+    model, tok = build_tiny_mmcoconut(tiny_dirs, "patches")
+    improc = build_image_processor(cfg.model)
+    gens = {}
+    for stage in (2, 3):
+        for bs in (5, 1):
+            d = tmp_path / f"s{stage}b{bs}"
+            res = evaluate(model, tok, improc, cfg, str(out / "val"), ["coconut", "dummy"], str(d), stage=stage,
+                           batch_size=bs, verbose=False)
+            assert res["coconut"]["n_scored"] == 9
+            for view in ("coconut", "dummy"):
+                gens[stage, bs, view] = {g["question_id"]: (g["text"], g["n_latents"]) for g in
+                                         map(json.loads, (d / f"generations_{view}.jsonl").read_text().splitlines())}
+        for view in ("coconut", "dummy"):
+            assert gens[stage, 5, view] == gens[stage, 1, view], (stage, view)
+            assert {q: n for q, (_, n) in gens[stage, 5, view].items()} == \
+                {q: min(3, h, stage) * 2 for q, h in hops.items()}
+    assert len({t for t, _ in gens[3, 5, "coconut"].values()}) > 1  # non-degenerate generations

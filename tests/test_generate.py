@@ -8,18 +8,25 @@ from mmcoconut.data.collate import GenerationCollator
 from mmcoconut.model import generate_reference
 
 
-def prompts(model, tok, view, n_latents=2, n_rows=4, seed=0):
-    """GenerationCollator batch of prompts with different question lengths (left padding)."""
+def prompt_rows(model, tok, view, n_latents=2, n_rows=4, seed=0):
+    """Prompt rows with different question lengths; n_latents: one count for all rows or a list per row."""
     ids, g = model.ids, torch.Generator().manual_seed(seed)
     q = tok.encode("How many shapes are there? Count the circles and squares in the picture.\n")
+    counts = n_latents if isinstance(n_latents, list) else [n_latents] * n_rows
     rows = []
     for i in range(n_rows):
         seq = [ids.image] * model.n_image_tokens + q[: 5 + 3 * i]
+        n = counts[i] if view in ("coconut", "dummy") else 0
         if view in ("coconut", "dummy"):
-            seq += [ids.start] + [ids.latent] * n_latents + [ids.end]
-        rows.append({"input_ids": seq, "n_latents": n_latents if view in ("coconut", "dummy") else 0,
-                     "key": str(i), "meta": {}, "pixel_values": torch.randn(3, 32, 32, generator=g)})
-    return GenerationCollator(ids, ids.pad)(rows)
+            seq += [ids.start] + [ids.latent] * n + [ids.end]
+        rows.append({"input_ids": seq, "n_latents": n, "key": str(i), "meta": {},
+                     "pixel_values": torch.randn(3, 32, 32, generator=g)})
+    return rows
+
+
+def prompts(model, tok, view, n_latents=2, n_rows=4, seed=0):
+    """GenerationCollator batch of prompt_rows."""
+    return GenerationCollator(model.ids, model.ids.pad)(prompt_rows(model, tok, view, n_latents, n_rows, seed))
 
 
 def run(model, b, fn, **kw):
@@ -65,8 +72,34 @@ def test_generation_views_differ_and_stop(tiny_mm):
     assert all(len(r) <= model.lm.config.n_positions for r in run(model, b, "gen", max_new_tokens=10_000)[:1])
 
 
-def test_generation_rejects_right_padding(tiny_mm):
+def test_generation_rejects_holes_in_a_prompt(tiny_mm):
     model, tok = tiny_mm("pooled")
     b = prompts(model, tok, "nocot", n_rows=2)
-    with pytest.raises(ValueError, match="left-padded"):
-        model.generate(b["input_ids"].flip(1), b["attention_mask"].flip(1), b["pixel_values"])
+    mask = b["attention_mask"].clone()
+    mask[1, -3] = 0  # a masked column between real tokens
+    with pytest.raises(ValueError, match="contiguous"):
+        model.generate(b["input_ids"], mask, b["pixel_values"])
+    with pytest.raises(ValueError, match="contiguous"):
+        model.generate(b["input_ids"], torch.zeros_like(mask), b["pixel_values"])
+
+
+@pytest.mark.parametrize("mode,view", [("pooled", "coconut"), ("patches", "coconut"), ("patches", "dummy")])
+def test_per_sample_latent_counts_equal_one_by_one(tiny_mm, mode, view):
+    """Rows with 0..3 latents in one batch (first latents aligned, rows right-padded after END) generate exactly
+    what each row generates alone (no padding at all), and what the uncached reference generates."""
+    model, tok = tiny_mm(mode)
+    counts = [3, 0, 1, 2, 3]
+    rows = prompt_rows(model, tok, view, n_latents=counts, n_rows=5)
+    b = GenerationCollator(model.ids, model.ids.pad)(rows)
+    lat = b["input_ids"] == model.ids.latent
+    first = [int(r.nonzero()[0]) for r in lat if r.any()]
+    assert len(set(first)) == 1  # latents start in one column ...
+    assert (b["attention_mask"][:, -1] == 0).any() and (b["attention_mask"][:, 0] == 0).any()  # ... both paddings
+    assert b["n_latents"].tolist() == counts
+    dummy = "zeros" if view == "dummy" else None
+    batched = run(model, b, "gen", max_new_tokens=7, dummy_latent=dummy)
+    alone = [run(model, GenerationCollator(model.ids, model.ids.pad)([r]), "gen", max_new_tokens=7,
+                 dummy_latent=dummy)[0] for r in rows]
+    assert batched == alone
+    assert batched == run(model, b, "ref", max_new_tokens=7, dummy_latent=dummy)
+    assert all(len(r) == 7 for r in batched) and len({tuple(r) for r in batched}) > 1

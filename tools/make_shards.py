@@ -4,6 +4,7 @@
   python tools/make_shards.py --aokvqa-dir data/aokvqa --coco-dir data/coco --split train   # official A-OKVQA
   python tools/make_shards.py --json data/my_set.json --split train                          # seed json list
   python tools/make_shards.py --synthetic 20000 --seed 0 --split train                       # built-in task
+  python tools/make_shards.py --synthetic 20000 --task chain --hops 3 --split train          # pointer chasing
 
 Output: <out>/<split>-000000.tar ... (<key>.jpg + <key>.json), <out>/sizes.json, <out>/steps.json,
 <out>/errors.jsonl.
@@ -20,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run from a checkout without installing (installed: mmcoconut.tools)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmcoconut.data import remote, sources  # noqa: E402
+from mmcoconut.data import chain, remote, sources  # noqa: E402
 from mmcoconut.data.sharding import SPLIT_NAME, write_shards  # noqa: E402
 
 N_ERRORS_SHOWN = 5
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="A-OKVQA: train|val|test (required); otherwise the shard name prefix "
                                    "(default: train)")
     p.add_argument("--seed", type=int, default=0, help="synthetic generator seed (default: 0)")
+    p.add_argument("--task", choices=("shapes", "chain"), default="shapes",
+                   help="synthetic task: shapes (the demo's, mmcoconut/data/synthetic.py) or chain (pointer chasing "
+                        "with --hops dependent image reads, mmcoconut/data/chain.py); default shapes")
+    p.add_argument("--hops", default="3", help="chain task: hops per question, K (1-4), a range 1-4 or a list 2,4 "
+                                               "(mixed uniformly per sample); default 3")
     p.add_argument("--out", help="output dir (default: shards/aokvqa, shards/<json stem> or shards/synthetic), "
                                  "or a remote one: an fsspec URL (s3://bucket/dir, needs mmcoconut[s3]) or a "
                                  "command reading each file from stdin, '{}' standing for its name "
@@ -86,6 +92,12 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         return items, len(items), args.out or Path("shards") / args.json.stem
     if args.synthetic < 1:
         parser.error(f"--synthetic needs a positive sample count, got {args.synthetic}")
+    if args.task == "chain":
+        try:
+            items = chain.chain_records(args.synthetic, args.seed, chain.parse_hops(args.hops))
+        except ValueError as exc:
+            parser.error(f"--hops: {exc}")
+        return items, args.synthetic, args.out or Path("shards/chain")
     return sources.synthetic_records(args.synthetic, args.seed), args.synthetic, args.out or Path("shards/synthetic")
 
 

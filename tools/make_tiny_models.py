@@ -15,8 +15,14 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if the dir is up to date")
+    ap.add_argument("--task", choices=("shapes", "chain"), default="shapes",
+                    help="the synthetic task whose texts train the tokenizer (default: shapes, the demo's)")
     args = ap.parse_args(argv)
-    dirs = make_tiny_models(args.out, args.preset, seed=args.seed, force=args.force)
+    texts = None
+    if args.task == "chain":
+        from mmcoconut.data.chain import chain_texts
+        texts = chain_texts(2000, args.seed, "1-4")
+    dirs = make_tiny_models(args.out, args.preset, texts=texts, seed=args.seed, force=args.force)
     print(f"tiny models: lm={dirs['lm']} vision={dirs['vision']}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Batch collation: Coconut's latent alignment for training, left padding for generation."""
+"""Batch collation: Coconut's latent alignment for training and for generation prompts."""
 from __future__ import annotations
 
 import torch
@@ -52,20 +52,31 @@ class Collator:
 
 
 class GenerationCollator:
-    """Eval prompts, left-padded so all end at the same column; `meta` = shard json dicts, `valid` flags."""
+    """Eval prompts; `meta` = shard json dicts, `valid` flags, `n_latents` per row.
+
+    Rows may carry different latent counts (Coconut's per-sample rule): as in training, every row that has latents
+    is left-padded so that its first LATENT lands in one column, then right-padded with masked pad columns so
+    that all rows end at the same column; rows without latents are left-padded to that end. Without latents
+    this is plain left padding. `model.generate` starts each row from its last real (mask 1) column.
+    """
 
     def __init__(self, ids: SpecialIds, pad_id: int):
         self.ids, self.pad_id = ids, pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
+        latent = self.ids.latent
+        first = [r["input_ids"].index(latent) if latent in r["input_ids"] else None for r in rows]
+        target = max((f for f in first if f is not None), default=0)
+        left = [None if f is None else target - f for f in first]
+        width = max((lp if lp is not None else 0) + len(r["input_ids"]) for lp, r in zip(left, rows))
         B = len(rows)
         input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, width), dtype=torch.long)
-        for b, r in enumerate(rows):
+        for b, (lp, r) in enumerate(zip(left, rows)):
             n = len(r["input_ids"])
-            input_ids[b, width - n:] = torch.tensor(r["input_ids"])
-            mask[b, width - n:] = 1
+            lp = width - n if lp is None else lp
+            input_ids[b, lp:lp + n] = torch.tensor(r["input_ids"])
+            mask[b, lp:lp + n] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": _position_ids(mask),
                 "pixel_values": _stack_pixels(rows), "keys": [r["key"] for r in rows],
                 "n_latents": torch.tensor([r["n_latents"] for r in rows]),

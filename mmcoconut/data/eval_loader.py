@@ -1,4 +1,10 @@
-"""EvalLoader: every sample once, split across ranks by sample index, padded so all ranks yield as many batches."""
+"""EvalLoader: every sample once, split across ranks by sample position, padded so all ranks yield as many batches.
+
+A sample's position is its shard's offset (the sizes.json counts of the shards before it) + its index in the
+shard, so a truncated or corrupt shard never shifts later samples into or out of a `max_samples` subset
+(mmcoconut.eval.expected assigns the same positions). Samples that are read but cannot be built (overlong,
+corrupt json/image) are reported in the batch that would have held them: `skipped` = [(key, reason)].
+"""
 from __future__ import annotations
 
 import logging
@@ -17,6 +23,31 @@ from .pipeline import (RowBuilder, ShardReader, SkipCounter, _worker, expand_sha
 log = logging.getLogger(__name__)
 
 
+def positioned_samples(reader: ShardReader, urls: list[str], offsets: list[int],
+                       limit: Optional[int] = None) -> Iterator[tuple[int, dict]]:
+    """(position, raw tar sample) in shard order; position = offsets[shard] + index within the shard.
+    Positions >= `limit` are not read. Shards are read by `reader` (retried, then skipped and counted)."""
+    for u, off in zip(urls, offsets):
+        if limit is not None and off >= limit:
+            continue
+        for j, raw in enumerate(reader.shard(u)):
+            if limit is not None and off + j >= limit:
+                break
+            yield off + j, raw
+
+
+class _ReasonCounter(SkipCounter):
+    """SkipCounter that also remembers why the last sample was skipped (for the eval's missing reasons)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = ""
+
+    def skip(self, reason: str, msg: str) -> None:
+        self.last = f"{reason}: {msg}"
+        super().skip(reason, msg)
+
+
 class _EvalStream(torch.utils.data.IterableDataset):
     """Global sample i goes to rank i % world; rank-local j = i // world fills batch j // bs of that rank;
     physical worker p builds batches p, p+W, ... (all read the tars, only their own samples are decoded)."""
@@ -32,17 +63,17 @@ class _EvalStream(torch.utils.data.IterableDataset):
         return L.rows.build(raw, build_prompt, view=L.view, stage=L.stage, cur=L.cur, n_latents=L.n_latents)
 
     def _template(self) -> dict:
-        for raw in self.L.reader.read(self.L.urls):
+        for _, raw in positioned_samples(self.L.reader, self.L.urls, self.L.offsets):
             row = self._row(raw)
             if row is not None:
                 return dict(row, valid=False)
         raise RuntimeError(f"{self.L.urls[0]}...: no valid sample to pad eval batches with")
 
-    def _flush(self, rows: list[dict], tmpl: list) -> dict:
+    def _flush(self, rows: list[dict], tmpl: list, skipped: list) -> dict:
         if len(rows) < self.L.batch_size and not tmpl:
             tmpl.append(self._template())
         rows = rows + [tmpl[0]] * (self.L.batch_size - len(rows))
-        return self.L.collator(rows)
+        return dict(self.L.collator(rows), skipped=skipped)
 
     def __iter__(self):
         L = self.L
@@ -50,27 +81,27 @@ class _EvalStream(torch.utils.data.IterableDataset):
         mine = list(range(p, L.num_batches, W))
         if not mine:
             return
-        rows, cur, tmpl, k = [], mine[0], [], 0
-        for i, raw in enumerate(L.reader.read(L.urls)):
-            if i >= L.total:
-                break
+        rows, skipped, cur, tmpl, k = [], [], mine[0], [], 0
+        for i, raw in positioned_samples(L.reader, L.urls, L.offsets, limit=L.total):
             if i % L.world_size != L.rank:
                 continue
             b = (i // L.world_size) // L.batch_size
             if b % W != p:
                 continue
             while b > cur:  # finished batch `cur` (possibly short after skips)
-                yield self._flush(rows, tmpl)
-                rows, k = [], k + 1
+                yield self._flush(rows, tmpl, skipped)
+                rows, skipped, k = [], [], k + 1
                 cur = mine[k]
             row = self._row(raw)
             if row is not None:
                 rows.append(dict(row, valid=True))
                 if not tmpl:
                     tmpl.append(dict(row, valid=False))
+            else:
+                skipped.append((raw.get("__key__", "?"), L.skips.last))
         for _ in range(k, len(mine)):  # the rest of this worker's batches, padded with valid=False rows
-            yield self._flush(rows, tmpl)
-            rows = []
+            yield self._flush(rows, tmpl, skipped)
+            rows, skipped = [], []
 
 
 class _WithMeta:
@@ -99,11 +130,12 @@ class EvalLoader:
         self.rank, self.world_size, self.cur = rank, world_size, cfg.curriculum
         self.stage = cfg.curriculum.max_latent_stage if stage is None else stage
         sizes = shard_sizes(self.urls, count_missing=True, timeout=d.shard_timeout)
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         total = sum(sizes)
         self.total = total if max_samples is None else min(total, max_samples)
         self.num_batches = math.ceil(math.ceil(self.total / world_size) / batch_size)
         self.num_workers = min(cfg.data.num_workers, self.num_batches)
-        self.skips = SkipCounter()
+        self.skips = _ReasonCounter()
         self.reader = ShardReader.from_config(d, self.skips, dict(zip(self.urls, sizes)))
         self.rows = RowBuilder(tokenizer, image_processor, cfg, n_image_tokens, self.skips)
         ids = self.rows.ids

@@ -6,6 +6,9 @@
   the curriculum's last stage), merged the same way;
 - `<out_dir>/errors.jsonl`: one `{"split", "key", "source", "reason"}` line per skipped item; this split's old
   lines are replaced, other splits' kept.
+- `<out_dir>/questions.jsonl`: one `{"split", "shard", "key", "question_id", "mc", "da"}` line per written sample, in
+  tar order (mc / da: whether the official scorer counts the question in that mode); this split's old lines are
+  replaced. Evaluation reads it to name and count the questions of a truncated or lost shard exactly.
 
 Images are decoded/drawn and encoded in a process pool (ordered `imap`), while the main process alone writes, so the
 shards are byte-identical for any number of workers (tar mtimes are fixed too). `out_dir` may be remote (an fsspec
@@ -148,9 +151,9 @@ def _update_sizes(out: _Out, split: str, sizes: dict[str, int], name: str = "siz
     out.write_text(name, json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
 
 
-def _update_errors(out: _Out, split: str, errors: list[dict]) -> None:
+def _update_errors(out: _Out, split: str, errors: list[dict], name: str = "errors.jsonl") -> None:
     kept = []
-    for line in (out.read_text("errors.jsonl") or "").splitlines():
+    for line in (out.read_text(name) or "").splitlines():
         try:
             if json.loads(line).get("split") == split:
                 continue
@@ -158,7 +161,15 @@ def _update_errors(out: _Out, split: str, errors: list[dict]) -> None:
             pass  # keep lines we do not understand
         kept.append(line)
     lines = kept + [json.dumps(e, ensure_ascii=False) for e in errors]
-    out.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
+    out.write_text(name, "".join(line + "\n" for line in lines))
+
+
+def question_entry(split: str, shard: str, key: str, record: dict) -> dict:
+    """The questions.jsonl line of one written sample."""
+    mc = record.get("correct_choice_idx") is not None and bool(record.get("choices"))
+    da = bool(record.get("direct_answers")) and not record.get("difficult_direct_answer", False)
+    return {"split": split, "shard": shard, "key": key, "question_id": str(record.get("question_id", key)),
+            "mc": mc, "da": da}
 
 
 def _remove_old_shards(out: _Out, split: str) -> None:
@@ -206,6 +217,7 @@ def _write(items, out: _Out, split, maxcount, image_size, workers, max_errors, t
     sizes: dict[str, int] = {}
     longest: dict[str, int] = {}  # shard -> longest steps list
     errors: list[dict] = []
+    questions: list[dict] = []
     seen: set[str] = set()
     pattern = str(out.dir).replace("%", "%%") + f"/{split}-%06d.tar"
     tasks = ((item, image_size) for item in items)
@@ -232,15 +244,18 @@ def _write(items, out: _Out, split, maxcount, image_size, workers, max_errors, t
             name = Path(sink.fname).name
             sizes[name] = sizes.get(name, 0) + 1
             longest[name] = max(longest.get(name, 0), len(item.record.get("steps") or []))
+            questions.append(question_entry(split, name, item.key, item.record))
     if not sizes:  # ShardWriter opens its first tar eagerly; do not leave an empty shard behind
         (out.dir / f"{split}-000000.tar").unlink(missing_ok=True)
     _update_sizes(out, split, longest, "steps.json")
+    _update_errors(out, split, questions, "questions.jsonl")
     _update_sizes(out, split, sizes)  # last: a reader never sees counts for shards that are not there yet
     _update_errors(out, split, errors)
     warnings = [] if out.readable else [
-        f"{out.where()} is a write-only pipe: target: its sizes.json, steps.json and errors.jsonl now hold split "
-        f"{split!r} only (other splits' entries cannot be merged); give each split its own directory, or write to "
-        "an fsspec URL (s3://..., merged like a local dir), or write locally and upload the directory"]
+        f"{out.where()} is a write-only pipe: target: its sizes.json, steps.json, questions.jsonl and errors.jsonl "
+        f"now hold split {split!r} only (other splits' entries cannot be merged); give each split its own "
+        "directory, or write to an fsspec URL (s3://..., merged like a local dir), or write locally and upload the "
+        "directory"]
 
     seconds = time.perf_counter() - start
     written = sum(sizes.values())

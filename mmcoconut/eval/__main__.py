@@ -1,8 +1,10 @@
 """python -m mmcoconut.eval CKPT SHARDS [--views nocot,cot,coconut,dummy] [--stage K | --n-latents N] [--out DIR]
-[--metrics FILE] [--tag T] [--batch-size B] [--max-samples N] [--key=value ...]
+[--metrics FILE] [--tag T] [--batch-size B] [--max-samples N] [--annotations FILE] [--key=value ...]
 
 CKPT: a DeepSpeed checkpoint (run dir, checkpoint root or tag dir; any ZeRO stage) or an export dir
 (tools/export_hf.py). Several ranks (torchrun / deepspeed launcher) split the shards; rank 0 writes the results.
+Scores cover every question the shards declare (sizes.json) or the annotation file holds: a question without a
+prediction scores 0, as in the official A-OKVQA scorer; --max-samples scores the first N as a subset.
 """
 from __future__ import annotations
 
@@ -19,14 +21,17 @@ def _parse(argv):
     ap.add_argument("shards", help="shard dir, brace pattern or '::'-joined list")
     ap.add_argument("--views", default=None, help="comma list (default: eval.views of the config)")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--stage", type=int, default=None, help="latents = min(K, max_latent_stage) * c_thought")
-    g.add_argument("--n-latents", type=int, default=None, help="latents in the coconut/dummy prompts")
+    g.add_argument("--stage", type=int, default=None, help="per-sample latents min(max_latent_stage, #steps, K) * "
+                   "c_thought (Coconut; default K = max_latent_stage)")
+    g.add_argument("--n-latents", type=int, default=None, help="one latent count for every coconut/dummy prompt")
     ap.add_argument("--out", default=None, help="output dir (default: <run dir>/eval or <export>/eval)")
     ap.add_argument("--metrics", default=None, help="metrics.jsonl to append eval records to (default: "
                     "<out>/metrics.jsonl; give <run dir>/metrics.jsonl to plot them with the run)")
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
-    ap.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    ap.add_argument("--max-samples", type=int, default=None, help="evaluate and score only the first N samples")
+    ap.add_argument("--annotations", default=None, help="official annotation json (e.g. aokvqa_v1p0_val.json): "
+                    "its questions are the expected set (default: eval.annotations, else the shards' samples)")
     ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_known_args(argv)
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
 
     from ..config import ConfigError, parse_overrides
     from ..model.export import load_any
-    from .evaluate import VIEWS, default_n_latents, evaluate
+    from .evaluate import VIEWS, evaluate
 
     try:
         parse_overrides(rest)  # fail early on malformed overrides
@@ -82,16 +87,24 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     views = args.views.split(",") if args.views else list(cfg.eval.views)
-    n_lat = args.n_latents if args.n_latents is not None else default_n_latents(cfg, args.stage)
     out = Path(args.out) if args.out else _default_out(args.ckpt, info, cfg)
+    c = cfg.curriculum
+    stage = c.max_latent_stage if args.stage is None else args.stage
+    lat = f"{args.n_latents} latents" if args.n_latents is not None else \
+        f"per-sample latents at stage {stage} (c_thought {c.c_thought}, max_latent_stage {c.max_latent_stage})"
     if rank == 0:
-        print(f"eval: {info['checkpoint']} on {args.shards} | views {','.join(views)} | latents {n_lat} | "
+        print(f"eval: {info['checkpoint']} on {args.shards} | views {','.join(views)} | {lat} | "
               f"{world} rank(s) on {device} | out {out}", flush=True)
     torch.manual_seed(cfg.train.seed)  # reproducible dummy_latent=random
     try:
+        if args.annotations and not os.path.isfile(args.annotations):
+            raise FileNotFoundError(f"--annotations: file not found: {args.annotations}")
         evaluate(model, tok, improc, cfg, args.shards, views, str(out), rank=rank, world_size=world,
-                 n_latents=n_lat, max_samples=args.max_samples, batch_size=args.batch_size,
-                 extra={"checkpoint": info["checkpoint"]}, metrics_path=args.metrics)
+                 n_latents=args.n_latents, stage=stage, max_samples=args.max_samples, batch_size=args.batch_size,
+                 extra={"checkpoint": info["checkpoint"]}, metrics_path=args.metrics, annotations=args.annotations)
+    except FileNotFoundError as e:  # shards / annotation file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

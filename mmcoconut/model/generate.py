@@ -1,9 +1,13 @@
 """Batched greedy generation with latent thoughts: KV-cached (`generate`) and a full-recompute reference.
 
-Prompts come from GenerationCollator: left-padded so every prompt ends at the same column. The view is in the
-prompt itself: coconut (image, question, START, n LATENT, END), dummy (same, with `dummy_latent`), cot / nocot
-(no latent markers; the model writes the steps and/or "### answer"). The prompt is encoded with the same
-multi-pass machinery as training (MMCoconut._multipass), then tokens are decoded one at a time from the cache.
+Prompts come from GenerationCollator: one contiguous run of real tokens per row (mask 1), padded on the left and,
+when rows carry different latent counts, on the right (their first latents share one column, as in training).
+The view is in the prompt itself: coconut (image, question, START, n LATENT, END), dummy (same, with
+`dummy_latent`), cot / nocot (no latent markers; the model writes the steps and/or "### answer"). The prompt is
+encoded with the same multi-pass machinery as training (MMCoconut._multipass); each row's first new token comes
+from its last real column, then tokens are decoded one at a time from the cache (masked pad columns in between
+are never attended to, and positions continue from the row's last real position, so a row's tokens equal
+its one-by-one generation).
 Per-row stopping: a row that emitted EOS keeps feeding the pad token with attention mask 0 (it influences nothing)
 until all rows are done or max_new_tokens is reached. Under ZeRO-3 with several ranks the "stop" decision is
 all-reduced so ranks make the same number of LM calls (the prompt's pass count is synchronised by _multipass).
@@ -16,10 +20,17 @@ from typing import Optional
 import torch
 
 
-def _check_prompt(attention_mask: torch.Tensor) -> None:
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("generation prompts must be left-padded so that every row ends at the last column "
+def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] column of each row's last real token; checks that every row is one contiguous non-empty run."""
+    m = attention_mask.bool()
+    T = m.shape[1]
+    cols = torch.arange(T, device=m.device)
+    last = torch.where(m, cols, -1).max(1).values
+    first = torch.where(m, cols, T).min(1).values
+    if bool((last < 0).any()) or bool((m.sum(1) != last - first + 1).any()):
+        raise ValueError("generation prompts must be padded rows with one contiguous run of real tokens each "
                          "(use mmcoconut.data.collate.GenerationCollator)")
+    return last
 
 
 def _zero3_sync(model) -> bool:
@@ -40,12 +51,12 @@ def _all_stop(stop: bool, sync: bool, device) -> bool:
     return int(t.item()) == 0
 
 
-def _budget(model, position_ids: torch.Tensor, max_new_tokens: int) -> int:
+def _budget(model, last_pos: torch.Tensor, max_new_tokens: int) -> int:
     """max_new_tokens capped so that no position exceeds the LM's n_positions - 1."""
     limit = getattr(model.lm.config, "n_positions", None)
-    if limit is None:
+    if limit is None or last_pos.numel() == 0:
         return max_new_tokens
-    return max(0, min(max_new_tokens, limit - 1 - int(position_ids[:, -1].max())))
+    return max(0, min(max_new_tokens, limit - 1 - int(last_pos.max())))
 
 
 def _finish(tokens: list[torch.Tensor], eos: int) -> list[list[int]]:
@@ -62,19 +73,21 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel
              position_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 64,
              dummy_latent: Optional[str] = None) -> list[list[int]]:
     """Greedy KV-cached generation -> new token ids per row (EOS and everything after it excluded)."""
-    _check_prompt(attention_mask)
+    last = _last_real(attention_mask)
     B = input_ids.shape[0]
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    steps = _budget(model, position_ids, max_new_tokens)
+    rows = torch.arange(B, device=input_ids.device)
+    last_pos = position_ids[rows, last]
+    steps = _budget(model, last_pos, max_new_tokens)
     sync = _zero3_sync(model)
     if B == 0 or (steps == 0 and not sync):
         return [[] for _ in range(B)]
     st = model._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent)
     eos, pad = model.ids.eos, model.ids.pad
     top = (getattr(model.lm.config, "n_positions", None) or 2**62) - 1
-    logits = model.lm.lm_head(st.hidden[:, -1])
-    mask, pos = st.mask, st.position_ids[:, -1:]
+    logits = model.lm.lm_head(st.hidden[rows, last])
+    mask, pos = st.mask, last_pos[:, None]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens, step, nxt = [], 0, torch.full((B,), eos, dtype=torch.long, device=input_ids.device)
     while True:
@@ -99,18 +112,21 @@ def generate_reference(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                        dummy_latent: Optional[str] = None) -> list[list[int]]:
     """Uncached reference: every new token recomputes the whole sequence (latents included) with naive_forward.
     Same inputs, stopping and padding rules as `generate`; only for tests (quadratic cost)."""
-    _check_prompt(attention_mask)
+    last = _last_real(attention_mask)
     B = input_ids.shape[0]
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    steps = _budget(model, position_ids, max_new_tokens)
+    rows = torch.arange(B, device=input_ids.device)
+    cur = position_ids[rows, last][:, None]
+    steps = _budget(model, cur, max_new_tokens)
     eos, pad = model.ids.eos, model.ids.pad
     ids, mask, pos = input_ids, attention_mask, position_ids
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(steps):
         logits = model.naive_forward(ids, mask, pixel_values=pixel_values, position_ids=pos,
-                                     dummy_latent=dummy_latent, special_prefix=input_ids.shape[1]).logits[:, -1]
+                                     dummy_latent=dummy_latent, special_prefix=input_ids.shape[1]).logits
+        logits = logits[rows, last] if step == 0 else logits[:, -1]
         nxt = logits.argmax(-1).masked_fill(done, eos)
         tokens.append(nxt)
         done = done | (nxt == eos)
@@ -118,5 +134,6 @@ def generate_reference(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             break
         ids = torch.cat([ids, nxt.masked_fill(done, pad)[:, None]], 1)
         mask = torch.cat([mask, (~done).long()[:, None]], 1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        cur = cur + 1
+        pos = torch.cat([pos, cur], 1)
     return _finish(tokens, eos)

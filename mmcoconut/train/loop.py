@@ -345,12 +345,14 @@ def _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world) ->
                val_loss=nll / ntok if ntok else None, mc=None, da=None, n=None,
                **{f"skipped_{r}": int(n) for r, n in zip(SKIP_REASONS, skipped)})
     if engine.zero_optimization_stage() < 3:
-        from mmcoconut.eval.evaluate import default_n_latents, evaluate
+        from mmcoconut.eval.evaluate import evaluate
 
+        # the eval path: per-sample latents of this stage (Coconut's rule), scored over the expected set
         res = evaluate(model, tokenizer, processor, cfg, cfg.data.val_shards, views=[view], out_dir=None,
-                       rank=rank, world_size=world, n_latents=default_n_latents(cfg, state.stage),
+                       rank=rank, world_size=world, n_latents=None, stage=state.stage,
                        max_samples=cfg.eval.val_samples, verbose=False)[view]
-        rec.update(mc=res["mc"], da=res["da"], n=res["n"])
+        rec.update(mc=res["mc"], da=res["da"], n=res["n"], n_scored=res.get("n_scored"),
+                   n_missing=res.get("n_missing"))
     engine.train()
     tracker.log("val", **rec)
     if rank == 0:
