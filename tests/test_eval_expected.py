@@ -176,7 +176,7 @@ def test_deleted_shard_and_overlong_samples(tiny, shards, tmp_path, eval_cfg_fac
     cfg = eval_cfg_factory({"eval.batch_size": 3, "data.overlong": "skip", "model.max_length": limit})
     res3, preds3 = run_eval((model, tok, improc, cfg), str(shards / "shards" / "val"), tmp_path / "o")
     n_long = sum(v + model.n_image_tokens > limit for v in lengths.values())
-    assert 0 < n_long < N and res3["missing"] == {"overlong": n_long} and res3["n_expected"] == N
+    assert 0 < n_long < N and res3["missing"] == {"too_long": n_long} and res3["n_expected"] == N
     assert_official(res3, preds3, recs, nontrivial=False)
 
 

@@ -158,6 +158,8 @@ def main(argv=None) -> int:
           f"fallbacks -> {args.out}")
     for key, reason in (skipped or [])[:5]:
         print(f"  skipped {key}: {reason}")
+    if skipped:
+        print(f"skipped {len(skipped)} malformed entries or unreadable images (each scores 0)")
     if s["mc"] is not None or s["da"] is not None:
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"MC {fmt(s['mc'])} (n={s['n_mc']})  DA {fmt(s['da'])} (n={s['n_da']})")

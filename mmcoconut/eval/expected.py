@@ -136,7 +136,7 @@ def from_shards(shards: str, max_samples: Optional[int] = None) -> Expected:
             key = raw.get("__key__", f"{os.path.basename(u)}#{pos - off}")
             rec = _read_json(raw)
             if rec is None:
-                exp.unknown.append((pos, f"corrupt: {os.path.basename(u)} sample {key!r}: unreadable json",
+                exp.unknown.append((pos, f"bad_json: {os.path.basename(u)} sample {key!r}: unreadable json",
                                     _flags(manifest, u, pos - off, sizes[u_i])))
                 continue
             qid = str(rec.get("question_id", key))
