@@ -102,15 +102,18 @@ def measure_syncs_vd(model, b, P):
 
 def measure_ops(model, B, n):
     from torch.profiler import ProfilerActivity, profile
-    counts = []
+    counts, warm = [], []
     for k in (n, n + 1):
         b = make_batch(model, B, k, seed=1)
+        t0 = time.perf_counter()
         fwd_bwd(model, b)  # warm-up (and compile)
+        warm.append(round(time.perf_counter() - t0, 1))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fwd_bwd(model, b)
         ev = prof.key_averages()
         counts.append((sum(e.count for e in ev if e.key.startswith("aten::")), sum(e.count for e in ev)))
-    return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0], "events_per_latent_pass": counts[1][1] - counts[0][1]}
+    return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0], "events_per_latent_pass": counts[1][1] - counts[0][1],
+            "aten_ops_total": [c[0] for c in counts], "warmup_s": warm}
 
 
 def measure_prof(model, B, n, top=25):
