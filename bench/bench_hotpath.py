@@ -46,7 +46,8 @@ def build(small: bool, layers=None):
     from mmcoconut.model.projector import build_projector
     from mmcoconut.tokens import SpecialIds
     torch.manual_seed(0)
-    lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=layers or 4, n_head=4) if small else GPT2Config(vocab_size=50262)
+    lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=layers or 4, n_head=4) if small \
+        else GPT2Config(vocab_size=50262)
     lcfg.attn_pdrop = lcfg.resid_pdrop = lcfg.embd_pdrop = 0.0  # same work and numerics in every variant
     vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                             image_size=32, patch_size=16)
@@ -112,8 +113,9 @@ def measure_ops(model, B, n):
             fwd_bwd(model, b)
         ev = prof.key_averages()
         counts.append((sum(e.count for e in ev if e.key.startswith("aten::")), sum(e.count for e in ev)))
-    return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0], "events_per_latent_pass": counts[1][1] - counts[0][1],
-            "aten_ops_total": [c[0] for c in counts], "warmup_s": warm}
+    return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0],
+            "events_per_latent_pass": counts[1][1] - counts[0][1], "aten_ops_total": [c[0] for c in counts],
+            "warmup_s": warm}
 
 
 def measure_prof(model, B, n, top=25):
@@ -199,7 +201,8 @@ def main(argv=None):
     if args.compile:
         model.enable_compile()
     what, B = args.what.split(","), args.batch
-    res = {"code": args.code, "device": args.device, "batch": B, "threads": torch.get_num_threads(), "compile": args.compile,
+    res = {"code": args.code, "device": args.device, "batch": B, "threads": torch.get_num_threads(),
+           "compile": args.compile,
            "torch": torch.__version__}
     if "syncs" in what or "vd" in what:
         b = make_batch(model, B, 4, seed=3)
