@@ -6,11 +6,16 @@ measured), B=8, rows = <image> + 40 question + START + n latents + END + 20 answ
   syncs    device->host reads in forward+backward of one micro-batch (mmcoconut.model.probes.HostSyncCounter)
   vd       ops producing a [V, D] tensor during backward (VDGradCounter), by op
   saved    bytes autograd keeps for backward during the forward (saved_activation_bytes; parameters excluded)
+  rss      peak resident-set growth of the process during one forward (Linux VmHWM reset through
+           /proc/self/clear_refs after malloc_trim; the output kept alive), latent and plain batch
   ops      profiler op events per extra latent pass: events(n + 1 latents) - events(n), forward+backward
+  prof     where a's extra time goes: profiler self-CPU time by op of one latent and one plain forward+backward
+           (n = the first of --n), the ops with the largest difference
   a/c      cached latent forward+backward / plain forward+backward over the same tokens (latents replaced by an
            ordinary token: one LM call), interleaved repeats; min / median / max of the per-repeat ratio
 
-    python bench/bench_hotpath.py [--code DIR] [--what syncs,vd,saved,ops,ac] [--n 4,8] [--reps 7] [--compile]
+    python bench/bench_hotpath.py [--code DIR] [--what syncs,vd,saved,rss,ops,prof,ac] [--n 4,8] [--reps 7]
+                                  [--compile] [--small [--layers L]]
 """
 from __future__ import annotations
 
@@ -34,14 +39,15 @@ def load_probes():
     return mod
 
 
-def build(small: bool):
+def build(small: bool, layers=None):
     from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
 
     from mmcoconut.model.latent import MMCoconut
     from mmcoconut.model.projector import build_projector
     from mmcoconut.tokens import SpecialIds
     torch.manual_seed(0)
-    lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=4, n_head=4) if small else GPT2Config(vocab_size=50262)
+    lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=layers or 4, n_head=4) if small \
+        else GPT2Config(vocab_size=50262)
     lcfg.attn_pdrop = lcfg.resid_pdrop = lcfg.embd_pdrop = 0.0  # same work and numerics in every variant
     vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                             image_size=32, patch_size=16)
@@ -97,15 +103,61 @@ def measure_syncs_vd(model, b, P):
 
 def measure_ops(model, B, n):
     from torch.profiler import ProfilerActivity, profile
-    counts = []
+    counts, warm = [], []
     for k in (n, n + 1):
         b = make_batch(model, B, k, seed=1)
+        t0 = time.perf_counter()
         fwd_bwd(model, b)  # warm-up (and compile)
+        warm.append(round(time.perf_counter() - t0, 1))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fwd_bwd(model, b)
         ev = prof.key_averages()
         counts.append((sum(e.count for e in ev if e.key.startswith("aten::")), sum(e.count for e in ev)))
-    return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0], "events_per_latent_pass": counts[1][1] - counts[0][1]}
+    return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0],
+            "events_per_latent_pass": counts[1][1] - counts[0][1], "aten_ops_total": [c[0] for c in counts],
+            "warmup_s": warm}
+
+
+def measure_prof(model, B, n, top=25):
+    """Self-CPU ms by ATen op: latent (a) vs plain (c) forward+backward of the same tokens, largest a - c first."""
+    from torch.profiler import ProfilerActivity, profile
+    res = {}
+    for name, plain in (("a", False), ("c", True)):
+        b = make_batch(model, B, n, seed=2, plain=plain)
+        fwd_bwd(model, b)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fwd_bwd(model, b)
+        res[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    keys = set(res["a"]) | set(res["c"])
+    z = (0.0, 0)
+    diff = sorted(((res["a"].get(k, z)[0] - res["c"].get(k, z)[0], k) for k in keys), reverse=True)
+    return {"total_ms": {k: round(sum(t for t, _ in v.values()), 1) for k, v in res.items()},
+            "top_extra": [{"op": k, "a_ms": round(res["a"].get(k, z)[0], 1), "c_ms": round(res["c"].get(k, z)[0], 1),
+                           "a_calls": res["a"].get(k, z)[1], "c_calls": res["c"].get(k, z)[1]}
+                          for _, k in diff[:top]]}
+
+
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_rss(fn):
+    """(peak RSS growth, RSS kept) in MiB while fn() runs and its result is alive: Linux's peak-RSS counter
+    (VmHWM) is reset by writing 5 to /proc/self/clear_refs after returning free heap pages to the OS."""
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kib("VmRSS")
+    out = fn()
+    peak, kept = _rss_kib("VmHWM"), _rss_kib("VmRSS")
+    del out
+    return round((peak - base) / 1024, 1), round((kept - base) / 1024, 1)
 
 
 def measure_ac(model, B, n, reps):
@@ -135,6 +187,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="model.enable_compile() (hot-path code only)")
     ap.add_argument("--small", action="store_true", help="a small LM (smoke test)")
+    ap.add_argument("--layers", type=int, default=None, help="with --small: this many layers (op counts per pass "
+                    "depend on the layer count, not the width: --small --layers 12 counts GPT-2 124M's ops)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     sys.path.insert(0, args.code)
@@ -143,16 +197,18 @@ def main(argv=None):
     P = load_probes()
     global DEVICE
     DEVICE = torch.device(args.device)
-    model = build(args.small).to(DEVICE)
+    model = build(args.small, args.layers).to(DEVICE)
     if args.compile:
         model.enable_compile()
     what, B = args.what.split(","), args.batch
-    res = {"code": args.code, "device": args.device, "batch": B, "threads": torch.get_num_threads(), "compile": args.compile,
+    res = {"code": args.code, "device": args.device, "batch": B, "threads": torch.get_num_threads(),
+           "compile": args.compile,
            "torch": torch.__version__}
     if "syncs" in what or "vd" in what:
         b = make_batch(model, B, 4, seed=3)
         fwd_bwd(model, b)
         res["n4"] = measure_syncs_vd(model, b, P)
+        _emit(res)
     if "saved" in what:
         b = make_batch(model, B, args.saved_n, seed=4)
         _, res["saved_MiB_latent"] = P.saved_activation_bytes(lambda: model(**b), exclude=list(model.parameters()))
@@ -160,11 +216,31 @@ def main(argv=None):
             lambda: model(**make_batch(model, B, args.saved_n, seed=4, plain=True)), exclude=list(model.parameters()))
         res["saved_MiB_latent"] = round(res["saved_MiB_latent"] / 2**20, 1)
         res["saved_MiB_plain"] = round(res["saved_MiB_plain"] / 2**20, 1)
+        _emit(res)
+    if "rss" in what:  # before anything else allocates and frees large blocks (run with --what rss alone)
+        for plain in (False, True):
+            b = make_batch(model, B, args.saved_n, seed=4, plain=plain)
+            with torch.no_grad():
+                model(**b)  # first-call allocations (extension load, caches) out of the figure
+            res["rss_MiB_" + ("plain" if plain else "latent")] = dict(zip(("peak", "kept"),
+                                                                          measure_rss(lambda: model(**b))))
+        _emit(res)
     if "ops" in what:
         res["ops"] = measure_ops(model, B, 4)
+        _emit(res)
+    if "prof" in what:
+        res["prof"] = measure_prof(model, B, int(args.n.split(",")[0]))
+        _emit(res)
     if "ac" in what:
-        res["ac"] = {n: measure_ac(model, B, int(n), args.reps) for n in args.n.split(",")}
-    print(json.dumps(res))
+        res["ac"] = {}
+        for n in args.n.split(","):
+            res["ac"][n] = measure_ac(model, B, int(n), args.reps)
+            _emit(res)
+    print(json.dumps(res), flush=True)
+
+
+def _emit(res):
+    print("partial:", json.dumps(res), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

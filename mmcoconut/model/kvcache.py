@@ -9,7 +9,8 @@ aliases of the buffers as the next pass's history. So the LM call itself never m
 runs eagerly and under ``torch.compile(fullgraph=True)``.
 
 Autograd. ``_Commit`` returns aliases of the buffers whose backward routes each pass's slice of the history
-gradient to the K/V tensors that wrote those columns (gradients of later passes flow through the K/V of earlier
+gradient to the K/V tensors that wrote those columns, and the whole gradient on to the previous commit's aliases
+(a chain: a fixed number of backward ops per pass; gradients of later passes flow through the K/V of earlier
 columns; nothing is detached). A later in-place write changes only columns that every earlier reader masked
 out (probability exactly 0 and, as the buffers start at zero and hold finite values, an exactly-zero gradient),
 so the write hides itself from the version counter (``_unsafe_set_version_counter``) instead of failing
@@ -30,26 +31,26 @@ NAME_PREFIX = "mmcoconut_"
 
 
 class _Commit(torch.autograd.Function):
-    """forward(bufs, spans, n_news, *news) -> aliases of bufs; news holds, buffer after buffer, every K/V tensor
-    written so far (spans[p] = columns of pass p); only the last of each buffer is copied in now."""
+    """forward(bufs, span, n_prev, *prev, *latest) -> aliases of bufs, after `latest` (this pass's K/V, buffer after
+    buffer) is copied into columns span. prev: the previous commit's aliases (n_prev = len(bufs); none at the first
+    commit). Backward: each buffer's gradient goes to `latest` sliced to span, and whole to `prev`, whose commit
+    takes its own span from it: a commit has the same number of inputs and backward ops whatever the pass."""
 
     @staticmethod
-    def forward(ctx, bufs, spans, n_news, *news):
-        a, b = spans[-1]
-        latest = [news[(i + 1) * n_news - 1] for i in range(len(bufs))]
+    def forward(ctx, bufs, span, n_prev, *tensors):
+        a, b = span
         versions = tuple(t._version for t in bufs)
         with torch.no_grad():
-            torch._foreach_copy_([t[:, :, a:b] for t in bufs], latest)
+            torch._foreach_copy_([t[:, :, a:b] for t in bufs], list(tensors[n_prev:]))
         torch._C._autograd._unsafe_set_version_counter(tuple(bufs), versions)
-        ctx.spans, ctx.n_news = spans, n_news
+        ctx.span, ctx.n_prev = span, n_prev
         return tuple(t.detach() for t in bufs)
 
     @staticmethod
     def backward(ctx, *grads):
-        out = [None, None, None]
-        for g in grads:
-            out.extend([None] * ctx.n_news if g is None else [g[:, :, a:b] for a, b in ctx.spans])
-        return tuple(out)
+        a, b = ctx.span
+        to_prev = list(grads) if ctx.n_prev else []
+        return (None, None, None, *to_prev, *[None if g is None else g[:, :, a:b] for g in grads])
 
 
 class StaticKV:
@@ -61,8 +62,6 @@ class StaticKV:
         self.n_layer = n_layer
         self.hist: list[Optional[torch.Tensor]] = [None] * (2 * n_layer)
         self.new: list[Optional[torch.Tensor]] = [None] * (2 * n_layer)
-        self.news: list[list[torch.Tensor]] = [[] for _ in range(2 * n_layer)]
-        self.spans: list[tuple[int, int]] = []
         self.own: Optional[torch.Tensor] = None  # [B,1,1,1] bool: the one-column pass's query sees itself
 
     # ------------------------------------------------------------------ inside the LM call (traceable)
@@ -86,11 +85,8 @@ class StaticKV:
         if any(t is None for t in self.new):
             raise RuntimeError("StaticKV.commit: the LM call did not go through the mmcoconut attention "
                                "(is the LM's attention implementation still the one MMCoconut installed?)")
-        for lst, t in zip(self.news, self.new):
-            lst.append(t)
-        self.spans.append((a, b))
-        flat = [t for lst in self.news for t in lst]
-        self.hist = list(_Commit.apply(tuple(self.bufs), tuple(self.spans), len(self.spans), *flat))
+        prev = [] if self.hist[0] is None else self.hist
+        self.hist = list(_Commit.apply(tuple(self.bufs), (a, b), len(prev), *prev, *self.new))
         self.new = [None] * len(self.new)
 
     def to_dynamic_cache(self, config):
