@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo c
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmcoconut-installed
 
-.PHONY: demo test install clean-demo showcase
+.PHONY: demo test test-all install clean-demo showcase
 
 install: $(STAMP)
 	$(BIN)/python -m mmcoconut.kernels || echo "install: the C++ op did not build (see above); inject_embeddings falls back to the PyTorch reference"
@@ -30,7 +30,12 @@ demo: install
 showcase: install
 	PATH=$(abspath $(BIN)):$$PATH bash tools/showcase.sh
 
+# `make test`: the suite CI runs (≤ 8 min with the install on 2 cores). `make test-all` adds the `slow` tests:
+# more ZeRO x precision / config combinations of what the default suite already proves (run it before a release).
 test: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: install
 	$(BIN)/python -m pytest -q tests
 
 clean-demo:

@@ -114,6 +114,7 @@ class EvalConfig:
     max_new_tokens: int = 64  # generation budget (steps + answer)
     val_samples: Optional[int] = 256  # per-stage validation budget during training (None: all)
     val_every_epoch: bool = True  # validate (loss + accuracy) after every epoch
+    val_accuracy: str = _choice("epoch", "epoch", "stage_end", "never")  # when validation also generates: MC/DA
     dummy_latent: str = _choice("zeros", "zeros", "random")  # what the dummy view puts in the latent slots
     annotations: Optional[str] = None  # official annotation json = the expected question set (default: the shards)
 

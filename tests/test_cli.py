@@ -104,8 +104,8 @@ def test_predict_on_seed_json_and_official_aokvqa_json(export_dir, tmp_path, cap
     assert "--images" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ds_config", ["zero2_1gpu", "zero3_1gpu"])
+@pytest.mark.multiproc
+@pytest.mark.parametrize("ds_config", ["zero2_1gpu", pytest.param("zero3_1gpu", marks=pytest.mark.slow)])
 def test_seed_flat_config_runs_as_one_process_without_a_launcher(export_dir, tiny_dirs, tmp_path, ds_config):
     """Every key of the upstream seed config (tests/test_config.py UPSTREAM_SEED) plus clip_id, batch_size_eval,
     load_model_path; no launcher env, cwd outside the repo; two optimizer steps; the final export equals the

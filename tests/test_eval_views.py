@@ -148,7 +148,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_two_rank_eval_gathers_every_question_once(tiny, eval_shards, tmp_path):
     """2 ranks (torchrun, gloo) on 13 samples in uneven shards: 7 + 6 samples, padded batches; rank 0 writes."""
     from mmcoconut.model.export import save_export

@@ -238,3 +238,16 @@ def test_synthetic_cli(tmp_path):
     samples = read_shards(out, "val")
     assert [s["json"] for s in samples] == [synthetic.make_record(i, 5) for i in range(6)]
     assert (out / "errors.jsonl").read_text() == ""
+
+
+def test_synthetic_question_without_choice_list(tmp_path):
+    """--no-choices-in-question: the same samples, the question text without the choice list (json keeps it)."""
+    for i in range(5):
+        full, short = synthetic.make_record(i, 3), synthetic.make_record(i, 3, list_choices=False)
+        assert short["question"] == full["raw_question"] and full["question"].startswith(short["question"] + " ")
+        assert {k: v for k, v in short.items() if k != "question"} == {k: v for k, v in full.items() if k != "question"}
+    assert make_shards.main(["--synthetic", "3", "--seed", "3", "--split", "val", "--out", str(tmp_path), "--maxcount",
+                             "3", "--image-size", "32", "--workers", "1", "--no-progress",
+                             "--no-choices-in-question"]) == 0
+    recs = [json.loads(s["json"]) for s in wds.WebDataset(str(tmp_path / "val-000000.tar"), shardshuffle=False)]
+    assert [r["question"] for r in recs] == [synthetic.make_record(i, 3)["raw_question"] for i in range(3)]

@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r'''
 import json, os, sys
 import torch, deepspeed
+from mmcoconut.train import ds_ops
 from mmcoconut.train.engine import _check_device_support
 from mmcoconut.train.nonfinite import finish_window, prepare_ds_config, skip_mode
 from mmcoconut.train.stepsync import StepSync
 
-deepspeed.init_distributed(dist_backend="gloo")
+ds_ops.init_distributed()  # the trainer's path: gloo, no DeepSpeed op compiled on CPU
 results = {}
 combos = [(z, p, None) for z in (0, 1, 2, 3) for p in ("fp32", "fp16", "bf16")] + [(2, "bf16", False)]
 for zero, prec, check in combos:  # check: bf16.check_grad_overflow as a user might set it (forced back on)
@@ -37,6 +38,7 @@ for zero, prec, check in combos:  # check: bf16.check_grad_overflow as a user mi
               "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 2},
               "bf16": {"enabled": prec == "bf16", **({} if check is None else {"check_grad_overflow": check})}}
         _check_device_support(ds, "test")
+        ds_ops.cpu_defaults(ds)  # the trainer's CPU optimizer: torch's fused AdamW, nothing to compile
         prepare_ds_config(ds)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
         mode = skip_mode(engine)
@@ -87,7 +89,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_nan_window_is_skipped_in_every_zero_stage_and_precision():
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", MMCOCONUT_CPU_FP16="1", OMP_NUM_THREADS="1",
@@ -102,3 +104,4 @@ def test_nan_window_is_skipped_in_every_zero_stage_and_precision():
         assert v["same"] and v["skipped"] == 1 and v["steps"] == 1, (combo, v)
         assert v["moved"] and v["finite"], (combo, v)
     assert res["zero0-fp32"]["mode"] == "host" and res["zero2-fp32"]["mode"] == "device"
+    assert res["zero0-fp16"]["optimizer"] == "FP16_UnfusedOptimizer"  # torch's AdamW (the CPU default) under fp16

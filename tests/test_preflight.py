@@ -142,7 +142,7 @@ def test_a_good_config_passes(shards, sentinel, monkeypatch):
         (shards / "steps.json.away").rename(shards / "s" / "steps.json")
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_two_ranks_seed_config_with_json_fail_fast_without_traceback(shards, tmp_path):
     """The seed project's flat config (train_path: a .json) under the DeepSpeed launcher: every rank prints the
     one error line; nothing is loaded (the model dir does not exist) and there is no traceback."""

@@ -11,7 +11,7 @@ from mmcoconut.train.tracking import read_metrics
 from shard_server import ShardServer
 from test_train_ds import _losses, launch, ok, setup  # noqa: F401  (setup: module fixture, shards + configs)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiproc
 
 
 @pytest.fixture(scope="module")

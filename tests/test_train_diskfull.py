@@ -14,7 +14,7 @@ import pytest
 
 from test_train_ds import DEEPSPEED, ROOT, TIMEOUT, _free_port, setup  # noqa: F401  (module fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiproc
 
 
 def _tmpfs_in_namespace() -> bool:

@@ -23,7 +23,7 @@ import pytest
 
 from mmcoconut.train.tracking import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TIMEOUT = 600  # generous: the first run on a fresh machine compiles DeepSpeed ops (60-140 s)

@@ -141,3 +141,13 @@ def test_to_device_moves_tensors_and_objects_with_to():
                       "keys": ["a", "b"], "plan": plan}, torch.device("cpu"), torch.float16)
     assert out["pixel_values"].dtype == torch.float16 and out["input_ids"].dtype == torch.long
     assert out["keys"] == ["a", "b"] and out["plan"] is plan and plan.moved == ("cpu", True)
+
+
+@pytest.mark.parametrize("when,due", [("epoch", [1, 1, 1, 1, 1, 1]), ("stage_end", [0, 0, 1, 0, 1, 1]),
+                                      ("never", [0, 0, 0, 0, 0, 0])])
+def test_val_accuracy_schedule(when, due):
+    """stage 0 for 3 epochs, then 2 epochs per stage up to stage 1, then the run ends one epoch into stage 2"""
+    from mmcoconut.train.loop import val_accuracy_due
+    cfg = load_config(data={"curriculum": {"stage0_epochs": 3, "epochs_per_stage": 2, "max_latent_stage": 2},
+                            "train": {"num_epochs": 6}, "eval": {"val_accuracy": when}})
+    assert [int(val_accuracy_due(cfg, e)) for e in range(6)] == due

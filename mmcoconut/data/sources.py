@@ -171,7 +171,7 @@ def json_records(path: str | Path) -> Iterator[WorkItem]:
 
 
 # -------------------------------------------------------------------------------------------------- synthetic
-def synthetic_records(n: int, seed: int) -> Iterator[WorkItem]:
+def synthetic_records(n: int, seed: int, list_choices: bool = True) -> Iterator[WorkItem]:
     """n synthetic samples (lazily generated; images are drawn by the workers)."""
-    for record in synthetic.iter_records(n, seed):
+    for record in synthetic.iter_records(n, seed, list_choices):
         yield WorkItem(record["question_id"], record, SyntheticImage(record["scene"]))

@@ -61,8 +61,9 @@ def kind_after(kind: str, hops: int) -> str:
     return KINDS[(KINDS.index(kind) + hops) % len(KINDS)]
 
 
-def make_record(index: int, seed: int) -> dict:
-    """The full shard json (docs/CONTRACT.md) of synthetic sample `index` for `seed`."""
+def make_record(index: int, seed: int, list_choices: bool = True) -> dict:
+    """The full shard json (docs/CONTRACT.md) of synthetic sample `index` for `seed`. `list_choices=False`
+    leaves the choice list out of the question text (a quarter fewer tokens: the demo); the json keeps them."""
     rng = random.Random(seed * 1_000_003 + index)  # hash-free, so stable across processes and Python runs
     scene = _make_scene(rng)
     anchor = rng.choice(scene)
@@ -81,7 +82,7 @@ def make_record(index: int, seed: int) -> dict:
     key = record_key(index, seed)
     return {
         "question_id": key,
-        "question": raw_question + choices_suffix(choices),
+        "question": raw_question + (choices_suffix(choices) if list_choices else ""),
         "raw_question": raw_question,
         "steps": steps,
         "answer": correct,
@@ -117,9 +118,9 @@ def draw_image(record: dict, size: int = 224) -> Image.Image:
     return img.reduce(SUPERSAMPLE)  # box-filter downsample: cheap anti-aliasing
 
 
-def iter_records(n: int, seed: int) -> Iterator[dict]:
+def iter_records(n: int, seed: int, list_choices: bool = True) -> Iterator[dict]:
     for index in range(n):
-        yield make_record(index, seed)
+        yield make_record(index, seed, list_choices)
 
 
 def record_text(rec: dict) -> str:

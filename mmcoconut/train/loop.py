@@ -285,7 +285,8 @@ def _loop(cfg, engine, loader, state, tracker, steps_per_epoch, tokenizer, proce
                       "validation skipped", flush=True)
             return
         if cfg.data.val_shards and cfg.eval.val_every_epoch:
-            validate(cfg, engine, tokenizer, processor, state, tracker, rank, world)
+            validate(cfg, engine, tokenizer, processor, state, tracker, rank, world,
+                     accuracy=val_accuracy_due(cfg, epoch))
 
 
 def _stopped_message(cfg, state, stop) -> str:
@@ -304,19 +305,27 @@ def _debug_pause(step: int, rank: int) -> None:
         time.sleep(0.1)
 
 
-def validate(cfg, engine, tokenizer, processor, state, tracker, rank, world) -> dict:
+def val_accuracy_due(cfg, epoch: int) -> bool:
+    """Whether the validation after `epoch` also generates (eval.val_accuracy: every epoch, at the last epoch of
+    each curriculum stage and of the run, or never)."""
+    stage = stage_for_epoch(cfg.curriculum, epoch)
+    last_of_stage = epoch + 1 == cfg.train.num_epochs or stage_for_epoch(cfg.curriculum, epoch + 1) != stage
+    return {"epoch": True, "stage_end": last_of_stage, "never": False}[cfg.eval.val_accuracy]
+
+
+def validate(cfg, engine, tokenizer, processor, state, tracker, rank, world, accuracy: bool = True) -> dict:
     """RNG-neutral validation: training after it is the same as without it (exact resume from epoch ends)."""
     rng = ckpt.rng_state()
     try:
-        return _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world)
+        return _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world, accuracy)
     finally:
         ckpt.set_rng_state(rng)
 
 
 @torch.no_grad()
-def _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world) -> dict:
-    """Val loss (token-weighted, valid rows only) on up to eval.val_samples, then MC/DA accuracy by generation
-    in the view matching training (ZeRO-1/2 only: ZeRO-3 would need equal forward counts on every rank).
+def _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world, accuracy) -> dict:
+    """Val loss (token-weighted, valid rows only) on up to eval.val_samples, then (`accuracy`) MC/DA accuracy by
+    generation in the view matching training (ZeRO-1/2 only: ZeRO-3 would need equal forward counts per rank).
     Samples the val loader skipped are reported per reason (`skipped_<reason>`, all ranks)."""
     from mmcoconut.data.loader import EvalLoader
     from mmcoconut.data.pipeline import SKIP_REASONS
@@ -344,7 +353,7 @@ def _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world) ->
     rec = dict(step=state.step, epoch=state.epoch, stage=state.stage, view=view,
                val_loss=nll / ntok if ntok else None, mc=None, da=None, n=None,
                **{f"skipped_{r}": int(n) for r, n in zip(SKIP_REASONS, skipped)})
-    if engine.zero_optimization_stage() < 3:
+    if accuracy and engine.zero_optimization_stage() < 3:
         from mmcoconut.eval.evaluate import evaluate
 
         # the eval path: per-sample latents of this stage (Coconut's rule), scored over the expected set

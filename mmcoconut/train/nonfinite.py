@@ -41,6 +41,7 @@ def skip_mode(engine) -> str:
     import torch
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -50,7 +51,7 @@ def skip_mode(engine) -> str:
     if isinstance(opt, DeepSpeedZeroOptimizer):
         if opt.check_grad_overflow or (opt.dtype != torch.bfloat16 and opt.compute_grad_norm):
             return DEVICE
-    elif isinstance(opt, (FP16_Optimizer, BF16_Optimizer)):
+    elif isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer, BF16_Optimizer)):  # unfused: torch's AdamW
         return DEVICE
     elif isinstance(opt, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0:
         return HOST

@@ -1,7 +1,7 @@
 // Shared argument checks for the embedding-injection extension (CPU and CUDA).
 // The Python wrapper already raises ValueError on bad dtypes/shapes; these are the C++ safety net.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 namespace mmcoconut {
 
