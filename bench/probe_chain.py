@@ -46,11 +46,22 @@ def main(argv=None) -> None:
     ap.add_argument("--stage0-steps", type=int, default=1500)
     ap.add_argument("--stage-steps", type=int, default=400, help="steps of each latent stage")
     ap.add_argument("--max-stage", type=int, default=None, help="default: the largest hop count")
+    ap.add_argument("--plan", default=None, help="explicit stages STAGE:STEPS,..., e.g. 0:1500,3:1000 (stage 0 "
+                    "is skipped with --load-stage0); overrides --stage0-steps / --stage-steps")
+    ap.add_argument("--latent-scale", default="none", choices=("none", "embedding"),
+                    help="embedding: rescale each fed-back hidden state to the mean wte row norm")
+    ap.add_argument("--tiles", default="per-square", choices=("per-square", "one", "shared", "fixed"),
+                    help="shared: every pointer square of a tile holds the same colour (one pointer per tile, "
+                         "iterated; the answer leaks from the question, see chain.py)")
+    ap.add_argument("--steps", default="pointer", choices=chain.STEP_FORMATS, help="chain step format")
     ap.add_argument("--c-thought", type=int, default=1)
     ap.add_argument("--uniform-prob", type=float, default=0.0)
     ap.add_argument("--reset-optimizer", action="store_true")
     ap.add_argument("--no-cot", action="store_true", help="train the answer-only baseline")
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps inside a stage")
+    ap.add_argument("--show", type=int, default=0, help="print the first N generations of each view")
+    ap.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step of each "
+                    "latent stage (what the stage's latents give with no training at that stage)")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--ntrain", type=int, default=6000)
@@ -65,6 +76,14 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     hops = chain.parse_hops(a.hops)
+    if a.tiles == "shared":  # probe-only variant: one permutation for all four squares
+        chain._make_tiles = lambda rng, _kind=None: (lambda ids, p: [
+            {"id": ids[t], "pointers": [p[t]] * chain.MAX_HOPS} for t in range(4)])(rng.sample(chain.NAMES, 4),
+                                                                                      rng.sample(chain.NAMES, 4))
+    elif a.tiles == "fixed":  # probe-only variant: tile t always has frame colour NAMES[t] (quadrant = colour)
+        chain._make_tiles = lambda rng, _kind=None: (lambda p: [
+            {"id": chain.NAMES[t], "pointers": [p[i][t] for i in range(chain.MAX_HOPS)]} for t in range(4)])(
+            [rng.sample(chain.NAMES, 4) for _ in range(chain.MAX_HOPS)])
     max_stage = max(hops) if a.max_stage is None else a.max_stage
 
     mdir = a.models
@@ -84,6 +103,14 @@ def main(argv=None) -> None:
     if a.load_stage0:
         model.load_state_dict(torch.load(a.load_stage0, map_location="cpu"))
     ids, fast = SpecialIds.from_tokenizer(tok), FastClipPreprocess.build(proc)
+    if a.latent_scale == "embedding":  # probe-only patch of the latent fill (instance attribute over the static)
+        base_fill, wte = type(model)._fill, model.lm.transformer.wte.weight
+
+        def scaled_fill(h, dummy):
+            out = base_fill(h, dummy)
+            target = wte.detach().norm(dim=-1).mean()
+            return out if dummy == "zeros" else out * (target / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        model._fill = scaled_fill
     size = tiny_models.PRESETS["demo"]["image_size"]
 
     def pixels(rec):  # the shard path: drawn, JPEG-encoded at the shard size, decoded, preprocessed
@@ -91,7 +118,8 @@ def main(argv=None) -> None:
         return fast(img)
 
     def records(n, seed):
-        return list(chain.iter_records(n, seed, hops))
+        kind = "one" if a.tiles == "one" else "per-square"  # shared / fixed patch _make_tiles
+        return list(chain.iter_records(n, seed, hops, steps=a.steps, pointers=kind))
 
     train_recs, val_recs = records(a.ntrain, 0), records(a.nval, 1)
     train_px = [pixels(r) for r in train_recs]
@@ -119,9 +147,14 @@ def main(argv=None) -> None:
         hits, n = {}, {}
         for r in range(gold.shape[0]):
             seen = 0
-            for t in range(gold.shape[1]):
+            last = max(t for t in range(gold.shape[1]) if int(gold[r, t]) in colour_ids)  # the answer
+            for t in range(last):
                 g = int(gold[r, t])
-                if g in colour_ids and t > 0 and int(gold[r, t - 1]) in colour_ids:  # "<i> <key> <read>"
+                if a.steps == "colour":
+                    read = g in colour_ids  # every step is the colour reached
+                else:
+                    read = g in colour_ids and t > 0 and int(gold[r, t - 1]) in colour_ids  # "<i> <key> <read>"
+                if read:
                     seen += 1
                     hits[seen] = hits.get(seen, 0) + int(pred[r, t] == g)
                     n[seen] = n.get(seen, 0) + 1
@@ -139,7 +172,9 @@ def main(argv=None) -> None:
             new = model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"],
                                  position_ids=b["position_ids"], max_new_tokens=4 * max(hops) + 4,
                                  dummy_latent="zeros" if view == "dummy" else None)
-            for out, meta in zip(new, b["meta"]):
+            for j, (out, meta) in enumerate(zip(new, b["meta"])):
+                if i + j < a.show:
+                    print(f"    {view}: {tok.decode(out)!r} (answer {meta['answer']})", flush=True)
                 ans = extract_answer(tok.decode(out, skip_special_tokens=True))
                 idx, _ = map_to_choice(ans, meta["choices"]) if ans else (-1, True)
                 hits += idx == meta["correct_choice_idx"]
@@ -158,14 +193,21 @@ def main(argv=None) -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     rng, order, t0, losses, step = random.Random(a.seed), [], time.time(), [], 0
-    plan = [(0, a.stage0_steps)] if a.no_cot else \
-        [(0, 0 if a.load_stage0 else a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
+    if a.plan:
+        plan = [tuple(int(x) for x in part.split(":")) for part in a.plan.split(",")]
+        plan = [(s, 0 if s == 0 and a.load_stage0 else n) for s, n in plan]
+    elif a.no_cot:
+        plan = [(0, a.stage0_steps)]
+    else:
+        plan = [(0, 0 if a.load_stage0 else a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
     print(f"chain hops {hops} | c_thought {a.c_thought} | stages {plan} | lr {a.lr} batch {a.bs} "
-          f"train {a.ntrain} seed {a.seed} | uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
+          f"train {a.ntrain} seed {a.seed} | tiles {a.tiles} steps {a.steps} latent-scale {a.latent_scale} | uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
     model.train()
     for stage, n_steps in plan:
         if stage > 0 and a.reset_optimizer:
             opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+        if stage > 0 and a.eval_at_start:
+            report(step, stage, losses, t0)
         for k in range(1, n_steps + 1):
             step += 1
             if len(order) < a.bs:

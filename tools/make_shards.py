@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --hops dependent image reads, mmcoconut/data/chain.py); default shapes")
     p.add_argument("--hops", default="3", help="chain task: hops per question, K (1-4), a range 1-4 or a list 2,4 "
                                                "(mixed uniformly per sample); default 3")
+    p.add_argument("--chain-pointers", choices=chain.POINTER_KINDS, default="per-square",
+                   help="chain task tiles: per-square (hop i reads square i, four permutations: no shortcut) or one "
+                        "(one pointer colour per tile, any colour, read at every hop); default per-square")
+    p.add_argument("--chain-steps", choices=chain.STEP_FORMATS, default="pointer",
+                   help="chain task step text: pointer ('1 red blue': hop, tile, colour read) or colour (' blue': "
+                        "only the colour reached, one token per hop); default pointer")
     p.add_argument("--out", help="output dir (default: shards/aokvqa, shards/<json stem> or shards/synthetic), "
                                  "or a remote one: an fsspec URL (s3://bucket/dir, needs mmcoconut[s3]) or a "
                                  "command reading each file from stdin, '{}' standing for its name "
@@ -94,7 +100,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"--synthetic needs a positive sample count, got {args.synthetic}")
     if args.task == "chain":
         try:
-            items = chain.chain_records(args.synthetic, args.seed, chain.parse_hops(args.hops))
+            items = chain.chain_records(args.synthetic, args.seed, chain.parse_hops(args.hops), args.chain_steps,
+                                        args.chain_pointers)
         except ValueError as exc:
             parser.error(f"--hops: {exc}")
         return items, args.synthetic, args.out or Path("shards/chain")
