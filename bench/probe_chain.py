@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     ap.add_argument("--plan", default=None, help="explicit stages STAGE:STEPS,..., e.g. 0:1500,3:1000 (stage 0 "
                     "is skipped with --load-stage0); overrides --stage0-steps / --stage-steps")
     ap.add_argument("--latent-scale", default="none", choices=("none", "embedding"),
-                    help="embedding: rescale each fed-back hidden state to the mean wte row norm")
+                    help="model.latent_scale (embedding: each fed-back hidden state at the mean wte row norm)")
     ap.add_argument("--tiles", default="per-square", choices=("per-square", "one", "shared", "fixed"),
                     help="shared: every pointer square of a tile holds the same colour (one pointer per tile, "
                          "iterated; the answer leaks from the question, see chain.py)")
@@ -64,6 +64,7 @@ def main(argv=None) -> None:
                     "latent stage (what the stage's latents give with no training at that stage)")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr-latent", type=float, default=None, help="lr of the latent stages (default: --lr)")
     ap.add_argument("--ntrain", type=int, default=6000)
     ap.add_argument("--nval", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0, help="model init, data order")
@@ -95,7 +96,8 @@ def main(argv=None) -> None:
                                         f"--curriculum.c_thought={a.c_thought}",
                                         f"--curriculum.max_latent_stage={max_stage}",
                                         f"--curriculum.uniform_prob={a.uniform_prob}",
-                                        f"--curriculum.no_cot={a.no_cot}", *(f"--{kv}" for kv in a.set)])
+                                        f"--curriculum.no_cot={a.no_cot}", f"--model.latent_scale={a.latent_scale}",
+                                        *(f"--{kv}" for kv in a.set)])
     cur = cfg.curriculum
     tok, proc = build_tokenizer(cfg.model), build_image_processor(cfg.model)
     torch.manual_seed(a.seed)
@@ -103,14 +105,6 @@ def main(argv=None) -> None:
     if a.load_stage0:
         model.load_state_dict(torch.load(a.load_stage0, map_location="cpu"))
     ids, fast = SpecialIds.from_tokenizer(tok), FastClipPreprocess.build(proc)
-    if a.latent_scale == "embedding":  # probe-only patch of the latent fill (instance attribute over the static)
-        base_fill, wte = type(model)._fill, model.lm.transformer.wte.weight
-
-        def scaled_fill(h, dummy):
-            out = base_fill(h, dummy)
-            target = wte.detach().norm(dim=-1).mean()
-            return out if dummy == "zeros" else out * (target / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        model._fill = scaled_fill
     size = tiny_models.PRESETS["demo"]["image_size"]
 
     def pixels(rec):  # the shard path: drawn, JPEG-encoded at the shard size, decoded, preprocessed
@@ -200,8 +194,9 @@ def main(argv=None) -> None:
         plan = [(0, a.stage0_steps)]
     else:
         plan = [(0, 0 if a.load_stage0 else a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
-    print(f"chain hops {hops} | c_thought {a.c_thought} | stages {plan} | lr {a.lr} batch {a.bs} "
-          f"train {a.ntrain} seed {a.seed} | tiles {a.tiles} steps {a.steps} latent-scale {a.latent_scale} | uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
+    print(f"chain hops {hops} | c_thought {a.c_thought} | stages {plan} | lr {a.lr} (latent {a.lr_latent}) "
+          f"batch {a.bs} train {a.ntrain} seed {a.seed} | tiles {a.tiles} steps {a.steps} latent-scale {a.latent_scale} | "
+          f"uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
     model.train()
     for stage, n_steps in plan:
         if stage > 0 and a.reset_optimizer:
@@ -214,8 +209,9 @@ def main(argv=None) -> None:
                 order += rng.sample(range(len(train_recs)), len(train_recs))
             idx, order = order[:a.bs], order[a.bs:]
             batch = col([train_row(i, stage, random.Random(f"{a.seed}:{step}:{i}")) for i in idx])
+            base_lr = a.lr if stage == 0 or a.lr_latent is None else a.lr_latent
             for g in opt.param_groups:
-                g["lr"] = a.lr * min(1.0, step / 20)
+                g["lr"] = base_lr * min(1.0, step / 20)
             loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
                          pixel_values=batch["pixel_values"], position_ids=batch["position_ids"]).loss
             opt.zero_grad()

@@ -32,6 +32,7 @@ class ModelConfig:
     new_token_init: str = "<<"  # new special-token rows start from this token's embedding (Coconut); "" = mean
     max_length: int = 512  # after image and latent expansion; longer samples are an error naming the key
     init_from: Optional[str] = None  # start from these weights: an export, a DeepSpeed checkpoint or a state-dict file
+    latent_scale: str = _choice("none", "none", "embedding")  # latent input: last hidden state as is | rescaled to the mean wte row norm
 
 
 @dataclass
