@@ -75,6 +75,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up steps
     lr_schedule: str = _choice("cosine", "constant", "linear", "cosine")  # after warm-up
     min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr x this
+    latent_lr_ratio: float = 1.0  # lr x this from curriculum stage 1 on (stage of the optimizer step; Coconut: 1)
     grad_clip: float = 1.0  # gradient-norm clipping
     max_steps_per_epoch: Optional[int] = None  # cap optimizer steps per epoch (short runs, debugging)
     log_every: int = 10  # optimizer steps between metrics records

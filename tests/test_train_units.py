@@ -141,3 +141,21 @@ def test_to_device_moves_tensors_and_objects_with_to():
                       "keys": ["a", "b"], "plan": plan}, torch.device("cpu"), torch.float16)
     assert out["pixel_values"].dtype == torch.float16 and out["input_ids"].dtype == torch.long
     assert out["keys"] == ["a", "b"] and out["plan"] is plan and plan.moved == ("cpu", True)
+
+
+def test_latent_lr_ratio_from_stage_one():
+    from types import SimpleNamespace
+    from mmcoconut.train.schedule import make_scheduler_factory
+    t = SimpleNamespace(warmup_steps=0, lr_schedule="constant", min_lr_ratio=0.1, latent_lr_ratio=0.25)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
+    sched = make_scheduler_factory(t, 100, lambda step: 0 if step < 10 else 1 + (step - 10) // 5)(opt)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == [pytest.approx(4e-4)] * 10 and lrs[10:] == [pytest.approx(1e-4)] * 10
+    t.latent_lr_ratio = 1.0
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
+    make_scheduler_factory(t, 100, lambda step: 3)(opt2)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(4e-4)
