@@ -8,6 +8,9 @@ teacher-forced accuracy of every hop's read (stage 0 format) and greedy-generati
 answer-only baseline instead (curriculum.no_cot) for --stage0-steps steps.
 
   python bench/probe_chain.py --hops 3 --stage0-steps 1500 --stage-steps 400 --eval-every 500
+  # the showcase recipe (bench/RESULTS.md, "Showcase"): 4 thoughts per step, rescaled, lr 1e-4 after stage 0
+  python bench/probe_chain.py --threads 1 --hops 3 --c-thought 4 --latent-scale embedding --lr-latent 1e-4 \
+      --reset-optimizer --seed 0 --plan 0:1500,1:250,2:250 --eval-every 750
 """
 from __future__ import annotations
 
@@ -50,9 +53,7 @@ def main(argv=None) -> None:
                     "is skipped with --load-stage0); overrides --stage0-steps / --stage-steps")
     ap.add_argument("--latent-scale", default="none", choices=("none", "embedding"),
                     help="model.latent_scale (embedding: each fed-back hidden state at the mean wte row norm)")
-    ap.add_argument("--tiles", default="per-square", choices=("per-square", "one", "shared", "fixed"),
-                    help="shared: every pointer square of a tile holds the same colour (one pointer per tile, "
-                         "iterated; the answer leaks from the question, see chain.py)")
+    ap.add_argument("--tiles", default="per-square", choices=chain.POINTER_KINDS, help="chain tile kind")
     ap.add_argument("--steps", default="pointer", choices=chain.STEP_FORMATS, help="chain step format")
     ap.add_argument("--c-thought", type=int, default=1)
     ap.add_argument("--uniform-prob", type=float, default=0.0)
@@ -77,14 +78,6 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     hops = chain.parse_hops(a.hops)
-    if a.tiles == "shared":  # probe-only variant: one permutation for all four squares
-        chain._make_tiles = lambda rng, _kind=None: (lambda ids, p: [
-            {"id": ids[t], "pointers": [p[t]] * chain.MAX_HOPS} for t in range(4)])(rng.sample(chain.NAMES, 4),
-                                                                                      rng.sample(chain.NAMES, 4))
-    elif a.tiles == "fixed":  # probe-only variant: tile t always has frame colour NAMES[t] (quadrant = colour)
-        chain._make_tiles = lambda rng, _kind=None: (lambda p: [
-            {"id": chain.NAMES[t], "pointers": [p[i][t] for i in range(chain.MAX_HOPS)]} for t in range(4)])(
-            [rng.sample(chain.NAMES, 4) for _ in range(chain.MAX_HOPS)])
     max_stage = max(hops) if a.max_stage is None else a.max_stage
 
     mdir = a.models
@@ -112,8 +105,7 @@ def main(argv=None) -> None:
         return fast(img)
 
     def records(n, seed):
-        kind = "one" if a.tiles == "one" else "per-square"  # shared / fixed patch _make_tiles
-        return list(chain.iter_records(n, seed, hops, steps=a.steps, pointers=kind))
+        return list(chain.iter_records(n, seed, hops, steps=a.steps, pointers=a.tiles))
 
     train_recs, val_recs = records(a.ntrain, 0), records(a.nval, 1)
     train_px = [pixels(r) for r in train_recs]
@@ -195,7 +187,8 @@ def main(argv=None) -> None:
     else:
         plan = [(0, 0 if a.load_stage0 else a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
     print(f"chain hops {hops} | c_thought {a.c_thought} | stages {plan} | lr {a.lr} (latent {a.lr_latent}) "
-          f"batch {a.bs} train {a.ntrain} seed {a.seed} | tiles {a.tiles} steps {a.steps} latent-scale {a.latent_scale} | "
+          f"batch {a.bs} train {a.ntrain} seed {a.seed} | tiles {a.tiles} steps {a.steps} "
+          f"latent-scale {a.latent_scale} | "
           f"uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
     model.train()
     for stage, n_steps in plan:

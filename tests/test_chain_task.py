@@ -106,7 +106,8 @@ def test_make_shards_chain_colour_steps(tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     import make_shards
     out = tmp_path / "c"
-    assert make_shards.main(["--synthetic", "3", "--task", "chain", "--hops", "3", "--chain-steps", "colour", "--chain-pointers", "one",
+    assert make_shards.main(["--synthetic", "3", "--task", "chain", "--hops", "3", "--chain-steps", "colour",
+                             "--chain-pointers", "one",
                              "--out", str(out), "--image-size", "64", "--workers", "1", "--no-progress"]) == 0
     qs = [json.loads(x) for x in (out / "questions.jsonl").read_text().splitlines()]
     assert [q["question_id"] for q in qs] == [r["question_id"] for r in chain.iter_records(3, 0, 3, "colour", "one")]
