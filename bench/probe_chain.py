@@ -8,6 +8,9 @@ teacher-forced accuracy of every hop's read (stage 0 format) and greedy-generati
 answer-only baseline instead (curriculum.no_cot) for --stage0-steps steps.
 
   python bench/probe_chain.py --hops 3 --stage0-steps 1500 --stage-steps 400 --eval-every 500
+  # the showcase recipe (bench/RESULTS.md, "Showcase"): 4 thoughts per step, rescaled, lr 1e-4 after stage 0
+  python bench/probe_chain.py --threads 1 --hops 3 --c-thought 4 --latent-scale embedding --lr-latent 1e-4 \
+      --reset-optimizer --seed 0 --plan 0:1500,1:250,2:250 --eval-every 750
 """
 from __future__ import annotations
 
@@ -46,13 +49,23 @@ def main(argv=None) -> None:
     ap.add_argument("--stage0-steps", type=int, default=1500)
     ap.add_argument("--stage-steps", type=int, default=400, help="steps of each latent stage")
     ap.add_argument("--max-stage", type=int, default=None, help="default: the largest hop count")
+    ap.add_argument("--plan", default=None, help="explicit stages STAGE:STEPS,..., e.g. 0:1500,3:1000 (stage 0 "
+                    "is skipped with --load-stage0); overrides --stage0-steps / --stage-steps")
+    ap.add_argument("--latent-scale", default="none", choices=("none", "embedding"),
+                    help="model.latent_scale (embedding: each fed-back hidden state at the mean wte row norm)")
+    ap.add_argument("--tiles", default="per-square", choices=chain.POINTER_KINDS, help="chain tile kind")
+    ap.add_argument("--steps", default="pointer", choices=chain.STEP_FORMATS, help="chain step format")
     ap.add_argument("--c-thought", type=int, default=1)
     ap.add_argument("--uniform-prob", type=float, default=0.0)
     ap.add_argument("--reset-optimizer", action="store_true")
     ap.add_argument("--no-cot", action="store_true", help="train the answer-only baseline")
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps inside a stage")
+    ap.add_argument("--show", type=int, default=0, help="print the first N generations of each view")
+    ap.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step of each "
+                    "latent stage (what the stage's latents give with no training at that stage)")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr-latent", type=float, default=None, help="lr of the latent stages (default: --lr)")
     ap.add_argument("--ntrain", type=int, default=6000)
     ap.add_argument("--nval", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0, help="model init, data order")
@@ -76,7 +89,8 @@ def main(argv=None) -> None:
                                         f"--curriculum.c_thought={a.c_thought}",
                                         f"--curriculum.max_latent_stage={max_stage}",
                                         f"--curriculum.uniform_prob={a.uniform_prob}",
-                                        f"--curriculum.no_cot={a.no_cot}", *(f"--{kv}" for kv in a.set)])
+                                        f"--curriculum.no_cot={a.no_cot}", f"--model.latent_scale={a.latent_scale}",
+                                        *(f"--{kv}" for kv in a.set)])
     cur = cfg.curriculum
     tok, proc = build_tokenizer(cfg.model), build_image_processor(cfg.model)
     torch.manual_seed(a.seed)
@@ -91,7 +105,7 @@ def main(argv=None) -> None:
         return fast(img)
 
     def records(n, seed):
-        return list(chain.iter_records(n, seed, hops))
+        return list(chain.iter_records(n, seed, hops, steps=a.steps, pointers=a.tiles))
 
     train_recs, val_recs = records(a.ntrain, 0), records(a.nval, 1)
     train_px = [pixels(r) for r in train_recs]
@@ -119,9 +133,14 @@ def main(argv=None) -> None:
         hits, n = {}, {}
         for r in range(gold.shape[0]):
             seen = 0
-            for t in range(gold.shape[1]):
+            last = max(t for t in range(gold.shape[1]) if int(gold[r, t]) in colour_ids)  # the answer
+            for t in range(last):
                 g = int(gold[r, t])
-                if g in colour_ids and t > 0 and int(gold[r, t - 1]) in colour_ids:  # "<i> <key> <read>"
+                if a.steps == "colour":
+                    read = g in colour_ids  # every step is the colour reached
+                else:
+                    read = g in colour_ids and t > 0 and int(gold[r, t - 1]) in colour_ids  # "<i> <key> <read>"
+                if read:
                     seen += 1
                     hits[seen] = hits.get(seen, 0) + int(pred[r, t] == g)
                     n[seen] = n.get(seen, 0) + 1
@@ -139,7 +158,9 @@ def main(argv=None) -> None:
             new = model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"],
                                  position_ids=b["position_ids"], max_new_tokens=4 * max(hops) + 4,
                                  dummy_latent="zeros" if view == "dummy" else None)
-            for out, meta in zip(new, b["meta"]):
+            for j, (out, meta) in enumerate(zip(new, b["meta"])):
+                if i + j < a.show:
+                    print(f"    {view}: {tok.decode(out)!r} (answer {meta['answer']})", flush=True)
                 ans = extract_answer(tok.decode(out, skip_special_tokens=True))
                 idx, _ = map_to_choice(ans, meta["choices"]) if ans else (-1, True)
                 hits += idx == meta["correct_choice_idx"]
@@ -158,22 +179,32 @@ def main(argv=None) -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     rng, order, t0, losses, step = random.Random(a.seed), [], time.time(), [], 0
-    plan = [(0, a.stage0_steps)] if a.no_cot else \
-        [(0, 0 if a.load_stage0 else a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
-    print(f"chain hops {hops} | c_thought {a.c_thought} | stages {plan} | lr {a.lr} batch {a.bs} "
-          f"train {a.ntrain} seed {a.seed} | uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
+    if a.plan:
+        plan = [tuple(int(x) for x in part.split(":")) for part in a.plan.split(",")]
+        plan = [(s, 0 if s == 0 and a.load_stage0 else n) for s, n in plan]
+    elif a.no_cot:
+        plan = [(0, a.stage0_steps)]
+    else:
+        plan = [(0, 0 if a.load_stage0 else a.stage0_steps)] + [(s, a.stage_steps) for s in range(1, max_stage + 1)]
+    print(f"chain hops {hops} | c_thought {a.c_thought} | stages {plan} | lr {a.lr} (latent {a.lr_latent}) "
+          f"batch {a.bs} train {a.ntrain} seed {a.seed} | tiles {a.tiles} steps {a.steps} "
+          f"latent-scale {a.latent_scale} | "
+          f"uniform {a.uniform_prob} reset {a.reset_optimizer}", flush=True)
     model.train()
     for stage, n_steps in plan:
         if stage > 0 and a.reset_optimizer:
             opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+        if stage > 0 and a.eval_at_start:
+            report(step, stage, losses, t0)
         for k in range(1, n_steps + 1):
             step += 1
             if len(order) < a.bs:
                 order += rng.sample(range(len(train_recs)), len(train_recs))
             idx, order = order[:a.bs], order[a.bs:]
             batch = col([train_row(i, stage, random.Random(f"{a.seed}:{step}:{i}")) for i in idx])
+            base_lr = a.lr if stage == 0 or a.lr_latent is None else a.lr_latent
             for g in opt.param_groups:
-                g["lr"] = a.lr * min(1.0, step / 20)
+                g["lr"] = base_lr * min(1.0, step / 20)
             loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
                          pixel_values=batch["pixel_values"], position_ids=batch["position_ids"]).loss
             opt.zero_grad()

@@ -32,6 +32,7 @@ class ModelConfig:
     new_token_init: str = "<<"  # new special-token rows start from this token's embedding (Coconut); "" = mean
     max_length: int = 512  # after image and latent expansion; longer samples are an error naming the key
     init_from: Optional[str] = None  # start from these weights: an export, a DeepSpeed checkpoint or a state-dict file
+    latent_scale: str = _choice("none", "none", "embedding")  # latent input: last hidden state as is | rescaled to the mean wte row norm
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up steps
     lr_schedule: str = _choice("cosine", "constant", "linear", "cosine")  # after warm-up
     min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr x this
+    latent_lr_ratio: float = 1.0  # lr x this from curriculum stage 1 on (stage of the optimizer step; Coconut: 1)
     grad_clip: float = 1.0  # gradient-norm clipping
     max_steps_per_epoch: Optional[int] = None  # cap optimizer steps per epoch (short runs, debugging)
     log_every: int = 10  # optimizer steps between metrics records

@@ -179,3 +179,31 @@ def test_build_options(tiny_dirs, tmp_path):
         w = m.lm.transformer.wte.weight.detach() / WTE_SCALE  # undo build_tiny_mmcoconut's scaling
         assert w.shape[0] == len(t2) and torch.allclose(w[old:], expect.expand(5, -1), atol=1e-6)
         assert m.lm.lm_head.weight.data_ptr() == m.lm.transformer.wte.weight.data_ptr()
+
+
+def test_latent_scale_embedding(tiny_mm):
+    """model.latent_scale=embedding: every fed-back hidden state is rescaled to the mean wte row norm, in the
+    cached forward and the naive reference alike (equal), against a per-row reference with the scaled fill; zeros
+    stay zeros; 'none' is the unscaled forward."""
+    model, tok = tiny_mm("pooled")
+    b = make_mm_batch(model, tok, [0, 2, 3, 1])
+    with torch.no_grad():
+        plain = model(**b).logits
+        model.latent_scale = "embedding"
+        try:
+            out, ref = model(**b), model.naive_forward(**b)
+            dz = model(**b, dummy_latent="zeros").logits
+            h = torch.randn(3, model.lm.config.n_embd) * 7
+            fill = model._fill(h, None)
+            target = model.lm.transformer.wte.weight.norm(dim=-1).mean()
+            assert torch.allclose(fill.norm(dim=-1), target.expand(3), rtol=1e-5)
+            assert torch.allclose(torch.nn.functional.cosine_similarity(fill, h, dim=-1), torch.ones(3), atol=1e-5)
+            assert not model._fill(h, "zeros").any()
+        finally:
+            model.latent_scale = "none"
+        dz_plain = model(**b, dummy_latent="zeros").logits
+    assert rel_err(out.logits, ref.logits) <= 1e-5
+    assert rel_err(out.logits, plain) > 1e-3  # the scale changes what the latents feed
+    assert torch.equal(dz, dz_plain)  # zero latents are unaffected
+    with pytest.raises(ValueError, match="latent_scale"):
+        type(model)(model.lm, model.vision, model.projector, model.ids, model.n_image_tokens, latent_scale="x")

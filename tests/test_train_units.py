@@ -151,3 +151,21 @@ def test_val_accuracy_schedule(when, due):
     cfg = load_config(data={"curriculum": {"stage0_epochs": 3, "epochs_per_stage": 2, "max_latent_stage": 2},
                             "train": {"num_epochs": 6}, "eval": {"val_accuracy": when}})
     assert [int(val_accuracy_due(cfg, e)) for e in range(6)] == due
+
+
+def test_latent_lr_ratio_from_stage_one():
+    from types import SimpleNamespace
+    from mmcoconut.train.schedule import make_scheduler_factory
+    t = SimpleNamespace(warmup_steps=0, lr_schedule="constant", min_lr_ratio=0.1, latent_lr_ratio=0.25)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
+    sched = make_scheduler_factory(t, 100, lambda step: 0 if step < 10 else 1 + (step - 10) // 5)(opt)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == [pytest.approx(4e-4)] * 10 and lrs[10:] == [pytest.approx(1e-4)] * 10
+    t.latent_lr_ratio = 1.0
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
+    make_scheduler_factory(t, 100, lambda step: 3)(opt2)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(4e-4)

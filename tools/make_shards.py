@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-choices-in-question", action="store_true",
                    help="shapes task: leave the choice list out of the question text (the json keeps the choices "
                         "for scoring; a quarter fewer tokens per sample: the demo)")
+
+    p.add_argument("--chain-pointers", choices=chain.POINTER_KINDS, default="per-square",
+                   help="chain task tiles: per-square (hop i reads square i, four permutations: no shortcut) or one "
+                        "(one pointer colour per tile, any colour, read at every hop); default per-square")
+    p.add_argument("--chain-steps", choices=chain.STEP_FORMATS, default="pointer",
+                   help="chain task step text: pointer ('1 red blue': hop, tile, colour read) or colour (' blue': "
+                        "only the colour reached, one token per hop); default pointer")
     p.add_argument("--out", help="output dir (default: shards/aokvqa, shards/<json stem> or shards/synthetic), "
                                  "or a remote one: an fsspec URL (s3://bucket/dir, needs mmcoconut[s3]) or a "
                                  "command reading each file from stdin, '{}' standing for its name "
@@ -97,7 +104,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"--synthetic needs a positive sample count, got {args.synthetic}")
     if args.task == "chain":
         try:
-            items = chain.chain_records(args.synthetic, args.seed, chain.parse_hops(args.hops))
+            items = chain.chain_records(args.synthetic, args.seed, chain.parse_hops(args.hops), args.chain_steps,
+                                        args.chain_pointers)
         except ValueError as exc:
             parser.error(f"--hops: {exc}")
         return items, args.synthetic, args.out or Path("shards/chain")

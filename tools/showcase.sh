@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make showcase`: a task where the continuous thoughts carry the reasoning (mmcoconut/data/chain.py).
 # Tiny random GPT-2/CLIP with a chain-task tokenizer -> 3-hop pointer-chasing shards -> Coconut curriculum on 2 CPU
-# ranks (mmcoconut/configs/showcase.yaml) -> the four views at the end of every stage + the latent-use gap ->
+# ranks (mmcoconut/configs/showcase.yaml: c_thought 4, latent_scale embedding, lr x 0.25 after stage 0) -> the four
+# views at the end of every stage + the latent-use gap ->
 # an answer-only (no-CoT) baseline trained as long -> what the thoughts decode to.
 # Env: SEED (default 0), NOCOT=0 skips the baseline, CONFIG (default showcase). Runs with the venv first on PATH.
 set -euo pipefail

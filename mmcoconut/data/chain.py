@@ -30,6 +30,8 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60), 
 NAMES = tuple(COLOURS)
 BACKGROUND = (245, 245, 240)
 MAX_HOPS = 4  # pointer squares per tile
+POINTER_KINDS = ("per-square", "one")  # hop i reads square i (4 permutations) | one pointer per tile, read every hop
+STEP_FORMATS = ("pointer", "colour")  # "1 red blue" (hop, key, read) | " blue" (the colour reached, one token)
 N_DIRECT_ANSWERS = 10
 SUPERSAMPLE = 2
 # tile geometry as fractions of a quadrant: frame outer margin and the inner mosaic's margin
@@ -40,9 +42,12 @@ def record_key(index: int, seed: int, hops: int) -> str:
     return f"chain{hops}-{seed}-{index:07d}"
 
 
-def _make_tiles(rng: random.Random) -> list[dict]:
-    """Four tiles in reading order: frame colour + four pointer colours, each position a permutation."""
+def _make_tiles(rng: random.Random, pointers: str = "per-square") -> list[dict]:
+    """Four tiles in reading order: frame colour + four pointer colours, each position a permutation
+    (per-square), or one pointer colour per tile drawn independently, any colour (one: all four squares show it)."""
     ids = rng.sample(NAMES, 4)
+    if pointers == "one":
+        return [{"id": ids[t], "pointers": [rng.choice(NAMES)] * MAX_HOPS} for t in range(4)]
     pointers = [rng.sample(NAMES, 4) for _ in range(MAX_HOPS)]  # pointers[i][t]: square i of tile t
     return [{"id": ids[t], "pointers": [pointers[i][t] for i in range(MAX_HOPS)]} for t in range(4)]
 
@@ -56,12 +61,17 @@ def follow(tiles: list[dict], start: str, hops: int) -> list[str]:
     return path
 
 
-def make_record(index: int, seed: int, hops: int = 3) -> dict:
-    """The full shard json (docs/CONTRACT.md) of chain sample `index` with `hops` hops (1..4)."""
+def make_record(index: int, seed: int, hops: int = 3, steps: str = "pointer", pointers: str = "per-square") -> dict:
+    """The full shard json (docs/CONTRACT.md) of chain sample `index` with `hops` hops (1..4); `steps` picks the
+    step text (STEP_FORMATS), `pointers` the tile kind (POINTER_KINDS)."""
+    if pointers not in POINTER_KINDS:
+        raise ValueError(f"chain task: pointers must be one of {POINTER_KINDS}, got {pointers!r}")
     if not 1 <= hops <= MAX_HOPS:
         raise ValueError(f"chain task: hops must be in 1..{MAX_HOPS}, got {hops}")
+    if steps not in STEP_FORMATS:
+        raise ValueError(f"chain task: step format must be one of {STEP_FORMATS}, got {steps!r}")
     rng = random.Random((seed * 1_000_003 + index) * 8 + hops)
-    tiles = _make_tiles(rng)
+    tiles = _make_tiles(rng, pointers)
     start = rng.choice(NAMES)
     path = follow(tiles, start, hops)
     answer = path[-1]
@@ -69,18 +79,21 @@ def make_record(index: int, seed: int, hops: int = 3) -> dict:
     rng.shuffle(choices)
     pointer_word = "pointer" if hops == 1 else "pointers"
     raw_question = f"Start at the {start} tile and follow {hops} {pointer_word}. Which colour do you reach?"
-    steps = [f"{i + 1} {path[i]} {path[i + 1]}" for i in range(hops)]
+    if steps == "pointer":
+        step_texts = [f"{i + 1} {path[i]} {path[i + 1]}" for i in range(hops)]
+    else:  # the leading space makes each colour the one token it is in the question and the answer
+        step_texts = [f" {path[i + 1]}" for i in range(hops)]
     return {
         "question_id": record_key(index, seed, hops),
         "question": raw_question,
         "raw_question": raw_question,
-        "steps": steps,
+        "steps": step_texts,
         "answer": answer,
         "choices": choices,
         "correct_choice_idx": choices.index(answer),
         "direct_answers": [answer] * N_DIRECT_ANSWERS,
         "difficult_direct_answer": False,
-        "rationales": list(steps),
+        "rationales": list(step_texts),
         "source": "synthetic",
         "task": "chain",
         "hops": hops,
@@ -141,10 +154,11 @@ def hops_for(index: int, seed: int, hops: tuple[int, ...]) -> int:
     return hops[0] if len(hops) == 1 else random.Random(f"hops:{seed}:{index}").choice(hops)
 
 
-def iter_records(n: int, seed: int, hops: str | int | tuple = 3) -> Iterator[dict]:
+def iter_records(n: int, seed: int, hops: str | int | tuple = 3, steps: str = "pointer",
+                 pointers: str = "per-square") -> Iterator[dict]:
     hs = hops if isinstance(hops, tuple) else parse_hops(hops)
     for index in range(n):
-        yield make_record(index, seed, hops_for(index, seed, hs))
+        yield make_record(index, seed, hops_for(index, seed, hs), steps, pointers)
 
 
 def record_text(rec: dict) -> str:
@@ -156,9 +170,15 @@ def chain_texts(n: int, seed: int, hops: str | int = "1-4") -> list[str]:
     return [record_text(rec) for rec in iter_records(n, seed, hops)]
 
 
-def chain_records(n: int, seed: int, hops: str | int | tuple = 3):
+def chain_records(n: int, seed: int, hops: str | int | tuple = 3, steps: str = "pointer",
+                  pointers: str = "per-square"):
     """Work items for mmcoconut.data.sharding.write_shards (images drawn by the workers)."""
     from .sources import WorkItem
     hs = hops if isinstance(hops, tuple) else parse_hops(hops)  # errors now, not at the first item
-    return (WorkItem(rec["question_id"], rec, ChainImage(rec["tiles"])) for rec in iter_records(n, seed, hs))
+    if steps not in STEP_FORMATS:
+        raise ValueError(f"chain step format {steps!r}: choose from {', '.join(STEP_FORMATS)}")
+    if pointers not in POINTER_KINDS:
+        raise ValueError(f"chain pointers {pointers!r}: choose from {', '.join(POINTER_KINDS)}")
+    return (WorkItem(rec["question_id"], rec, ChainImage(rec["tiles"]))
+            for rec in iter_records(n, seed, hs, steps, pointers))
 

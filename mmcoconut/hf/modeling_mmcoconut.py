@@ -58,7 +58,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel):
             projector = build_projector(config.projector, config.vision_config.hidden_size, config.text_config.n_embd)
             model = MMCoconut(lm, vision, projector, SpecialIds(**config.special_ids), config.num_image_tokens,
                               image_tokens=config.image_tokens, vision_layer=config.vision_layer,
-                              freeze_vision=config.freeze_vision)
+                              freeze_vision=config.freeze_vision,
+                              latent_scale=getattr(config, "latent_scale", "none"))
         self.model = model
         self.processor: Optional[MMCoconutProcessor] = None
         if wrapped:  # trained weights: HF's post_init must not initialise them (it skips init on the meta device)

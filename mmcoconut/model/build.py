@@ -71,4 +71,4 @@ def build_model(mcfg, tokenizer) -> MMCoconut:
     n_img = num_image_tokens(vision.config, mcfg.image_tokens)
     projector = build_projector(mcfg.projector, vision.config.hidden_size, lm.config.n_embd)
     return MMCoconut(lm, vision, projector, ids, n_img, image_tokens=mcfg.image_tokens,
-                     vision_layer=mcfg.vision_layer, freeze_vision=mcfg.freeze_vision)
+                     vision_layer=mcfg.vision_layer, freeze_vision=mcfg.freeze_vision, latent_scale=mcfg.latent_scale)

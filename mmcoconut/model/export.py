@@ -60,7 +60,8 @@ def hf_config(model, cfg, eval_results: Optional[dict] = None):
         vision_layer=model.vision_layer, freeze_vision=model.freeze_vision, special_ids=dataclasses.asdict(model.ids),
         c_thought=c.c_thought, max_latent_stage=c.max_latent_stage, pad_latent_to_max=c.pad_latent_to_max,
         coconut=c.coconut, no_cot=c.no_cot, answer_max_new_tokens=cfg.eval.max_new_tokens,
-        dummy_latent=cfg.eval.dummy_latent, run_config=portable(cfg.to_dict()), eval_results=eval_results,
+        dummy_latent=cfg.eval.dummy_latent, latent_scale=model.latent_scale, run_config=portable(cfg.to_dict()),
+        eval_results=eval_results,
         mmcoconut_version=mmcoconut.__version__)
 
 
@@ -134,6 +135,7 @@ def _run_config(hf_cfg, export_dir: Path):
     m.lm_id = m.vision_id = m.tokenizer_id = str(export_dir)
     m.image_tokens, m.vision_layer, m.freeze_vision = hf_cfg.image_tokens, hf_cfg.vision_layer, hf_cfg.freeze_vision
     m.projector = hf_cfg.projector
+    m.latent_scale = getattr(hf_cfg, "latent_scale", "none")
     c.c_thought, c.max_latent_stage = hf_cfg.c_thought, hf_cfg.max_latent_stage
     c.pad_latent_to_max, c.coconut, c.no_cot = hf_cfg.pad_latent_to_max, hf_cfg.coconut, hf_cfg.no_cot
     return cfg

@@ -49,6 +49,7 @@ except ImportError:  # the kernels package is optional at import time; same sema
 
 IGNORE = -100
 DUMMY_MODES = (None, "zeros", "random")
+LATENT_SCALES = ("none", "embedding")  # model.latent_scale: the fed-back hidden state as is | at the wte row norm
 DEBUG = os.environ.get("MMCOCONUT_DEBUG") == "1"  # re-plan from input_ids and compare with a given latent_plan
 COMPILE_BUCKET = 64  # with enable_compile, sequence buffers are padded to a multiple of this (few distinct shapes)
 
@@ -92,8 +93,11 @@ def _agree_passes(m_local: int) -> int:
 
 class MMCoconut(nn.Module):
     def __init__(self, lm, vision, projector, ids: SpecialIds, n_image_tokens: int, image_tokens: str = "pooled",
-                 vision_layer: int = -2, freeze_vision: bool = True):
+                 vision_layer: int = -2, freeze_vision: bool = True, latent_scale: str = "none"):
         super().__init__()
+        if latent_scale not in LATENT_SCALES:
+            raise ValueError(f"latent_scale must be one of {LATENT_SCALES}, got {latent_scale!r}")
+        self.latent_scale = latent_scale
         self.lm, self.vision, self.projector = lm, vision, projector
         self.ids, self.n_image_tokens = ids, n_image_tokens
         self.image_tokens, self.vision_layer, self.freeze_vision = image_tokens, vision_layer, freeze_vision
@@ -190,17 +194,26 @@ class MMCoconut(nn.Module):
             feats = self.image_features(pixel_values).flatten(0, 1)  # [B * n_img, D]
         return ids, mask, pos, img_index, feats
 
-    @staticmethod
-    def _fill(h_prev: torch.Tensor, dummy: Optional[str]) -> torch.Tensor:
-        """Latent input from the previous column's last hidden state (or the dummy-latent ablation)."""
+    def _fill(self, h_prev: torch.Tensor, dummy: Optional[str]) -> torch.Tensor:
+        """Latent input from the previous column's last hidden state (or the dummy-latent ablation); with
+        latent_scale "embedding" every non-zero fill is rescaled to the mean (detached) wte row norm."""
         if dummy is None:
-            return h_prev
-        if dummy == "zeros":
+            out = h_prev
+        elif dummy == "zeros":
             return torch.zeros_like(h_prev)
-        if dummy == "random":
+        elif dummy == "random":
             r = torch.randn_like(h_prev)
-            return r * (h_prev.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy!r}")
+            out = r * (h_prev.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        else:
+            raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy!r}")
+        if self.latent_scale == "none":
+            return out
+        w = self.lm.transformer.wte.weight
+        if getattr(w, "ds_id", None) is not None:
+            raise ValueError("model.latent_scale=embedding is not supported with ZeRO-3 (partitioned wte); "
+                             "use ZeRO stage 0-2 or latent_scale=none")
+        target = w.detach().float().norm(dim=-1).mean()
+        return (out.float() * (target / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))).to(out.dtype)
 
     def _lm_call(self, emb, mask, pos, kv):
         """One pass of the LM over new columns `emb` with the static cache `kv` (4-D bool mask)."""

@@ -149,7 +149,8 @@ def _train(cfg, ds, plan, rank, world) -> dict:
         raise ValueError(f"{len(loader)} micro-batches per rank per epoch < gradient_accumulation_steps {acc}: "
                          "not one optimizer step; use more data or a smaller global batch")
     notes = prepare_ds_config(ds)
-    engine = initialize(model, ds, make_scheduler_factory(t, steps_per_epoch * t.num_epochs))
+    engine = initialize(model, ds, make_scheduler_factory(
+        t, steps_per_epoch * t.num_epochs, lambda step: stage_for_epoch(cfg.curriculum, step // steps_per_epoch)))
     state, rng = ckpt.TrainState(), None
     if plan is not None:
         rng = ckpt.load(engine, cfg, plan, state, loader, world, rank)

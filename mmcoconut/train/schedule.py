@@ -27,10 +27,16 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, 
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def make_scheduler_factory(train_cfg, total_steps: int):
-    """A callable optimizer -> LambdaLR, the form deepspeed.initialize(lr_scheduler=...) accepts."""
+def make_scheduler_factory(train_cfg, total_steps: int, stage_of_step=None):
+    """A callable optimizer -> LambdaLR, the form deepspeed.initialize(lr_scheduler=...) accepts.
+    stage_of_step(step) -> curriculum stage: from stage 1 on the factor is multiplied by train.latent_lr_ratio."""
+    ratio = getattr(train_cfg, "latent_lr_ratio", 1.0)
+
     def fn(step: int) -> float:
-        return lr_factor(step, total_steps=total_steps, warmup_steps=train_cfg.warmup_steps,
-                         schedule=train_cfg.lr_schedule, min_lr_ratio=train_cfg.min_lr_ratio)
+        f = lr_factor(step, total_steps=total_steps, warmup_steps=train_cfg.warmup_steps,
+                      schedule=train_cfg.lr_schedule, min_lr_ratio=train_cfg.min_lr_ratio)
+        if ratio != 1.0 and stage_of_step is not None and stage_of_step(step) > 0:
+            f *= ratio
+        return f
 
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
