@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(mixed uniformly per sample); default 3")
     p.add_argument("--no-choices-in-question", action="store_true",
                    help="shapes task: leave the choice list out of the question text (the json keeps the choices "
-                        "for scoring; a quarter fewer tokens per sample: the demo)")
+                        "for scoring; 32 instead of 50 text tokens per sample: the demo)")
 
     p.add_argument("--chain-pointers", choices=chain.POINTER_KINDS, default="per-square",
                    help="chain task tiles: per-square (hop i reads square i, four permutations: no shortcut) or one "
