@@ -12,10 +12,11 @@ measured), B=8, rows = <image> + 40 question + START + n latents + END + 20 answ
   prof     where a's extra time goes: profiler self-CPU time by op of one latent and one plain forward+backward
            (n = the first of --n), the ops with the largest difference
   a/c      cached latent forward+backward / plain forward+backward over the same tokens (latents replaced by an
-           ordinary token: one LM call), interleaved repeats; min / median / max of the per-repeat ratio
+           ordinary token: one LM call), interleaved repeats; min / median / max of the per-repeat ratio;
+           --compare-wgrad adds a0/c, the latent forward with plain autograd weight gradients (wgrad.py off)
 
     python bench/bench_hotpath.py [--code DIR] [--what syncs,vd,saved,rss,ops,prof,ac] [--n 4,8] [--reps 7]
-                                  [--compile] [--small [--layers L]]
+                                  [--compile] [--small [--layers L]] [--compare-wgrad]
 """
 from __future__ import annotations
 
@@ -160,20 +161,31 @@ def measure_rss(fn):
     return round((peak - base) / 1024, 1), round((kept - base) / 1024, 1)
 
 
-def measure_ac(model, B, n, reps):
+def measure_ac(model, B, n, reps, compare_wgrad=False):
+    """Interleaved repeats of a (latent) and c (plain); with compare_wgrad also a0 = a with the Conv1D weight
+    gradients left to plain autograd (model.deferred_wgrad = False), in the same process and repeat."""
     a_b, c_b = make_batch(model, B, n, seed=2), make_batch(model, B, n, seed=2, plain=True)
-    fwd_bwd(model, a_b), fwd_bwd(model, c_b)  # warm-up
-    ta, tc = [], []
-    for _ in range(reps):
-        for b, out in ((a_b, ta), (c_b, tc)):
+    runs = {"a": (a_b, True), "c": (c_b, True)}
+    if compare_wgrad:
+        runs["a0"] = (a_b, False)
+    times = {k: [] for k in runs}
+    for rep in range(reps + 1):  # the first round is the warm-up
+        for k, (b, deferred) in runs.items():
+            model.deferred_wgrad = deferred
             t0 = time.perf_counter()
             fwd_bwd(model, b)
-            out.append(time.perf_counter() - t0)
-    ratios = sorted(x / y for x, y in zip(ta, tc))
-    return {"a_ms": [round(1e3 * f(ta), 1) for f in (min, statistics.median, max)],
-            "c_ms": [round(1e3 * f(tc), 1) for f in (min, statistics.median, max)],
-            "a/c": [round(f(ratios), 3) for f in (min, statistics.median, max)],
-            "a/c_of_medians": round(statistics.median(ta) / statistics.median(tc), 3)}
+            if rep:
+                times[k].append(time.perf_counter() - t0)
+    model.deferred_wgrad = True
+    res = {}
+    for k in times:
+        res[k + "_ms"] = [round(1e3 * f(times[k]), 1) for f in (min, statistics.median, max)]
+    for k in [x for x in times if x != "c"]:
+        ratios = sorted(x / y for x, y in zip(times[k], times["c"]))
+        key = "a/c" if k == "a" else k + "/c"
+        res[key] = [round(f(ratios), 3) for f in (min, statistics.median, max)]
+        res[key + "_of_medians"] = round(statistics.median(times[k]) / statistics.median(times["c"]), 3)
+    return res
 
 
 def main(argv=None):
@@ -190,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="with --small: this many layers (op counts per pass "
                     "depend on the layer count, not the width: --small --layers 12 counts GPT-2 124M's ops)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compare-wgrad", action="store_true", help="a/c also with model.deferred_wgrad = False "
+                    "(plain autograd weight gradients), interleaved in the same repeats")
     args = ap.parse_args(argv)
     sys.path.insert(0, args.code)
     if args.threads:
@@ -234,7 +248,7 @@ def main(argv=None):
     if "ac" in what:
         res["ac"] = {}
         for n in args.n.split(","):
-            res["ac"][n] = measure_ac(model, B, int(n), args.reps)
+            res["ac"][n] = measure_ac(model, B, int(n), args.reps, args.compare_wgrad)
             _emit(res)
     print(json.dumps(res), flush=True)
 

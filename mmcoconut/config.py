@@ -87,6 +87,7 @@ class TrainConfig:
     hysteresis: Optional[int] = None  # fp16: overflows tolerated before the scale halves
     min_loss_scale: Optional[float] = None  # fp16: the scale never goes below this
     compile: bool = False  # torch.compile the per-pass LM calls (CUDA: CUDA graphs for one-column passes); not ZeRO-3
+    deferred_wgrad: bool = True  # eager latent passes: Conv1D weight gradients summed in place, one per micro-batch
 
 
 @dataclass

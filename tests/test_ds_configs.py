@@ -118,3 +118,5 @@ def test_train_compile_switch():
     assert MMCOCONUT_KEY not in resolve_ds_config(_cfg(), str(DIR / "zero2_2gpu.json"), world=2)
     with pytest.raises(ConfigError, match="ZeRO-3"):
         resolve_ds_config(_cfg("--train.compile=true"), str(DIR / "zero3_2gpu.json"), world=2)
+    ds = resolve_ds_config(_cfg("--train.deferred_wgrad=false"), str(DIR / "zero2_2gpu.json"), world=2)
+    assert ds[MMCOCONUT_KEY] == {"deferred_wgrad": False}

@@ -135,3 +135,44 @@ def test_enable_compile_matches_eager(tiny_dirs):
     (loss, n, grad), (closs, cn, cgrad) = runs
     assert n == cn == 3 and abs(closs - loss) <= 1e-5 * abs(loss)
     torch.testing.assert_close(cgrad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_deferred_weight_gradients(trained_mode, monkeypatch):
+    """Each Conv1D weight gets one gradient per micro-batch, accumulated in place over the passes (wgrad.py): same
+    loss bit for bit, same gradients up to the rounding of a fused multiply-add, one AccumulateGrad per weight."""
+    import mmcoconut.model.wgrad as wgrad
+    model, tok = trained_mode
+    b = make_mm_batch(model, tok, [2, 0, 3, 1], seed=5)
+    weights = [m.weight for m in model._conv1d]
+    assert len(weights) == 4 * model.lm.config.n_layer
+    fired = {}
+    handles = [w.register_post_accumulate_grad_hook(lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1))
+               for w in weights]
+    calls, adds = [], []
+    orig, orig_add = wgrad._Buffers.accumulate, wgrad._Buffers._add
+    monkeypatch.setattr(wgrad._Buffers, "accumulate", lambda self, *a: (calls.append(1), orig(self, *a))[1])
+    monkeypatch.setattr(wgrad._Buffers, "_add", lambda self, *a: (adds.append(1), orig_add(self, *a))[1])
+    runs = {}
+    try:
+        for deferred in (False, True):
+            model.deferred_wgrad = deferred
+            model.zero_grad(set_to_none=True)
+            fired.clear()
+            out = model(**b)
+            out.loss.backward()
+            runs[deferred] = (out.loss.detach(), [p.grad.clone() for p in model.lm.parameters()])
+            assert sorted(fired.values()) == [1] * len(weights), deferred
+            assert all("forward" not in vars(m) for m in model._conv1d)  # the context restored the modules
+    finally:
+        model.deferred_wgrad = True
+        for h in handles:
+            h.remove()
+    assert len(calls) == out.n_passes * len(weights)  # every pass of every layer went through the buffers
+    assert len(weights) < len(adds) < len(calls)  # wide calls multiplied in directly, narrow ones stashed
+    assert torch.equal(runs[True][0], runs[False][0])
+    for g_def, g_ref in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(g_def, g_ref, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # no backward coming: plain Conv1D calls
+        calls.clear()
+        model(**b)
+    assert not calls

@@ -18,11 +18,14 @@ Hot path (GPU-ready): the pass layout comes from the host (`latent_plan`, made b
 `mmcoconut.kernels.inject_embeddings` (one [V, D] weight gradient; image features injected there); each later pass
 only writes its latent rows into its slice (torch.where). The KV cache is static (kvcache.py): preallocated
 buffers written in place; activation memory per pass = its own columns' activations plus no K/V copies.
-`enable_compile` compiles the per-pass LM call (torch.compile; CUDA graphs for the one-column passes).
+`enable_compile` compiles the per-pass LM call (torch.compile; CUDA graphs for the one-column passes). In eager
+training the Conv1D weight gradients of all passes are summed in place into one buffer per weight (wgrad.py;
+`deferred_wgrad`, train.deferred_wgrad): one weight gradient per micro-batch, as for the embedding table.
 The cross-rank pass count is agreed on CPU data (gloo), one small collective per micro-batch, no device sync.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from ..tokens import SpecialIds
 from .kvcache import StaticKV, install as install_kv_hook
 from .plan import LatentPlan, Layout, plan_batch
 from .vision import encode_images
+from .wgrad import conv1d_modules, deferred_weight_grads
 
 try:
     from ..kernels import inject_embeddings
@@ -105,6 +109,8 @@ class MMCoconut(nn.Module):
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.transformer.forward).parameters \
             else "past_key_values"
         self._compiled: dict = {}  # enable_compile: "multi"/"one" -> compiled per-pass LM call
+        self.deferred_wgrad = True  # eager multi-pass training: one in-place weight-gradient buffer (wgrad.py)
+        self._conv1d = conv1d_modules(lm)
         install_kv_hook(lm)
         self._maybe_register_zero3()
 
@@ -279,26 +285,34 @@ class MMCoconut(nn.Module):
         kv = StaticKV(cfg.n_layer, B, cfg.n_head, Tp, cfg.n_embd // cfg.n_head, emb.dtype, dev)
         has = plan.latent_counts[None, :] > torch.arange(plan.m_local, device=dev)[:, None]  # [m, B]
         hs, h_last, last = [], None, len(lay.bounds) - 1
-        for k, (a, b) in enumerate(lay.bounds):
-            e, w, j = chunks[k], b - a, a - lay.start  # j: latent index at column a (passes k >= 1)
-            if k > 0 and j < plan.m_local:  # latent column a gets the hidden state of column a - 1
-                sel = has[j][:, None, None] if w == 1 else has[j][:, None, None] & (ar[:w] == 0)[None, :, None]
-                e = torch.where(sel, self._fill(h_last, dummy_latent).to(e.dtype)[:, None], e)
-            if k == 0:
-                m4, one = full[:, :, :b, :b], False
-            elif w == 1:
-                m4, one = strict[:, :, a:b], True
-                kv.own = keep[:, a, None, None, None]
-            else:
-                m4, one = full[:, :, a:b], False
-            h = self._lm_pass_fn(one, dev)(e, m4, pos[:, a:b], kv)
-            if k < last or return_cache:
-                kv.commit(a, b)
-            hs.append(h)
-            h_last = h[:, -1]
+        with self._wgrad_context(last > 0):
+            for k, (a, b) in enumerate(lay.bounds):
+                e, w, j = chunks[k], b - a, a - lay.start  # j: latent index at column a (passes k >= 1)
+                if k > 0 and j < plan.m_local:  # latent column a gets the hidden state of column a - 1
+                    sel = has[j][:, None, None] if w == 1 else has[j][:, None, None] & (ar[:w] == 0)[None, :, None]
+                    e = torch.where(sel, self._fill(h_last, dummy_latent).to(e.dtype)[:, None], e)
+                if k == 0:
+                    m4, one = full[:, :, :b, :b], False
+                elif w == 1:
+                    m4, one = strict[:, :, a:b], True
+                    kv.own = keep[:, a, None, None, None]
+                else:
+                    m4, one = full[:, :, a:b], False
+                h = self._lm_pass_fn(one, dev)(e, m4, pos[:, a:b], kv)
+                if k < last or return_cache:
+                    kv.commit(a, b)
+                hs.append(h)
+                h_last = h[:, -1]
         hidden = (torch.cat(hs, 1) if len(hs) > 1 else hs[0])[:, :plan.T]
         cache = kv.to_dynamic_cache(self.lm.config) if return_cache else None
         return _State(hidden, mask, pos[:, :plan.T], cache, len(lay.bounds))
+
+    def _wgrad_context(self, multi: bool):
+        """Deferred Conv1D weight gradients (wgrad.py) for a multi-pass forward that will be back-propagated;
+        not under torch.compile (enable_compile) nor ZeRO-3 (partitioned weights)."""
+        on = (multi and self.deferred_wgrad and torch.is_grad_enabled() and not self._compiled
+              and not hasattr(self.lm.transformer.wte.weight, "ds_id"))
+        return deferred_weight_grads(self._conv1d) if on else contextlib.nullcontext()
 
     def _output(self, hidden, labels, n_passes) -> MMCoconutOutput:
         logits = self.lm.lm_head(hidden)

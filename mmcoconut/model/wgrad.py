@@ -1,0 +1,124 @@
+"""Deferred weight gradients of GPT-2's Conv1D layers over the multi-pass latent forward.
+
+Every LM pass calls each Conv1D once. Plain autograd gives every call its own weight gradient (x_pᵀ g_p written
+into a fresh [in, out] tensor) and then adds it into the weight's input buffer: two weight-sized writes per pass
+and layer, which at B = 8 cost more than the rank-8 product itself (bench/RESULTS.md, "Hot path at GPT-2 124M").
+
+Inside :func:`deferred_weight_grads`, each Conv1D weight goes through `_Gate` (identity; one per weight and
+micro-batch) and the layer's addmm through `_Linear`, whose backward hands (x_p, g_p) to the micro-batch's
+buffers: a wide call (pass 0, the last pass) is multiplied into one gradient buffer per weight in place
+(``addmm_``); the rows of the narrow one-column passes (a few KB against a weight of MBs) are kept and
+multiplied out by one GEMM over all of them. Autograd runs the gate's backward only after every call that used
+the gated weight has run its own, so the gate hands the complete gradient to the weight: its AccumulateGrad (and
+DeepSpeed's gradient hooks on it) run once per micro-batch, at the same point of the backward as without the
+context. The forward is bitwise the same; the weight gradient is the same sum of products, rounded in another
+order. Bias and input gradients are plain autograd's.
+Eager only: not for torch.compile (side effects in backward) nor ZeRO-3 (partitioned weights); the caller decides.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class _Buffers:
+    """One micro-batch's state: the gated weights and, per layer index, the gradient buffer and the stashed
+    (input, grad-output) rows of the narrow calls (one-column passes), multiplied out once by the gate."""
+
+    def __init__(self):
+        self.gated: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+        self.stash: dict[int, list] = {}
+
+    def accumulate(self, key: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        if 4 * x.shape[0] * (x.shape[1] + g.shape[1]) <= x.shape[1] * g.shape[1]:  # rows << weight: keep them
+            self.stash.setdefault(key, []).append((x, g))
+            return
+        self._add(key, x, g)
+
+    def _add(self, key: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        buf = self.grads.get(key)
+        if buf is None:
+            self.grads[key] = x.t().mm(g)
+        else:
+            buf.addmm_(x.t(), g)
+
+    def pop(self, key: int):
+        """The weight gradient of everything accumulated under `key` (None if nothing was)."""
+        rows = self.stash.pop(key, None)
+        if rows:
+            self._add(key, torch.cat([x for x, _ in rows]), torch.cat([g for _, g in rows]))
+        return self.grads.pop(key, None)
+
+
+class _Gate(torch.autograd.Function):
+    """Identity on a weight; backward: the buffered gradient (+ any plain gradient that reached the alias)."""
+
+    @staticmethod
+    def forward(ctx, bufs: _Buffers, key: int, weight: torch.Tensor):
+        ctx.bufs, ctx.key = bufs, key
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf = ctx.bufs.pop(ctx.key)
+        if grad is not None:
+            buf = grad if buf is None else buf + grad
+        return None, None, buf
+
+
+class _Linear(torch.autograd.Function):
+    """addmm(bias, x, weight) as GPT-2's Conv1D computes it; the weight gradient goes to the buffers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bufs: _Buffers, key: int):
+        ctx.save_for_backward(x, weight)
+        ctx.bufs, ctx.key = bufs, key
+        return torch.addmm(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        gx = g.mm(weight.t()) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            ctx.bufs.accumulate(ctx.key, x, g)
+        gb = g.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, None, gb, None, None
+
+
+def _conv1d_forward(module: nn.Module, bufs: _Buffers, key: int, x: torch.Tensor) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and module.weight.requires_grad):
+        return type(module).forward(module, x)
+    w = bufs.gated.get(key)
+    if w is None:
+        w = bufs.gated[key] = _Gate.apply(bufs, key, module.weight)
+    size_out = x.size()[:-1] + (module.nf,)
+    return _Linear.apply(x.view(-1, x.size(-1)), w, module.bias, bufs, key).view(size_out)
+
+
+def conv1d_modules(lm: nn.Module) -> list[nn.Module]:
+    """The LM's GPT-2 Conv1D layers (empty for an LM without them: the context is then a no-op)."""
+    from transformers.pytorch_utils import Conv1D
+    return [m for m in lm.modules() if isinstance(m, Conv1D)]
+
+
+@contextmanager
+def deferred_weight_grads(modules: Iterable[nn.Module]):
+    """Within the context, forward calls of these Conv1D modules defer their weight gradient (module doc). The
+    backward may run after the context has exited."""
+    bufs, patched = _Buffers(), []
+    try:
+        for key, m in enumerate(modules):
+            if "forward" in vars(m):  # someone else's instance forward (e.g. an accelerate hook): leave it
+                continue
+            m.forward = partial(_conv1d_forward, m, bufs, key)  # an instance attribute shadows Conv1D.forward
+            patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
