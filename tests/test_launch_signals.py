@@ -79,8 +79,11 @@ def _start(tmp_path, **env_extra):
     out = tmp_path / "out"
     out.mkdir()
     env = _env(tmp_path, out, **env_extra)
+    # SIGINT as in a terminal: a suite started in the background (`nohup pytest &`) inherits SIGINT ignored, and
+    # bash cannot trap a signal that was ignored when it started
     p = subprocess.Popen(["bash", str(ROOT / "launch.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not all((out / f"rank{r}.pid").is_file() and (out / f"rank{r}.pid").read_text() for r in (0, 1)):
         assert time.time() < deadline and p.poll() is None, p.communicate()[0] if p.poll() is not None else "slow"
