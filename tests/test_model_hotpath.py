@@ -176,3 +176,7 @@ def test_deferred_weight_gradients(trained_mode, monkeypatch):
         calls.clear()
         model(**b)
     assert not calls
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision (HF Trainer): plain calls, autograd casts
+        out = model(**b)
+    out.loss.backward()
+    assert not calls and all(p.grad.dtype == p.dtype for p in model.lm.parameters() if p.grad is not None)

@@ -14,6 +14,7 @@ DeepSpeed's gradient hooks on it) run once per micro-batch, at the same point of
 context. The forward is bitwise the same; the weight gradient is the same sum of products, rounded in another
 order. Bias and input gradients are plain autograd's.
 Eager only: not for torch.compile (side effects in backward) nor ZeRO-3 (partitioned weights); the caller decides.
+Under autocast (e.g. HF Trainer's mixed precision) the calls stay plain: autograd then owns the dtype casts.
 """
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ class _Linear(torch.autograd.Function):
 
 
 def _conv1d_forward(module: nn.Module, bufs: _Buffers, key: int, x: torch.Tensor) -> torch.Tensor:
-    if not (torch.is_grad_enabled() and module.weight.requires_grad):
-        return type(module).forward(module, x)
+    if not (torch.is_grad_enabled() and module.weight.requires_grad) or torch.is_autocast_enabled(x.device.type):
+        return type(module).forward(module, x)  # nothing to defer; under autocast plain autograd keeps the casts
     w = bufs.gated.get(key)
     if w is None:
         w = bufs.gated[key] = _Gate.apply(bufs, key, module.weight)
