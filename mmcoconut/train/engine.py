@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from mmcoconut.config import ConfigError
+from mmcoconut.config import ConfigError, TrainConfig
 
 from . import ds_ops
 from .ds_ops import init_distributed  # noqa: F401  (python -m mmcoconut.train calls it)
@@ -22,7 +22,7 @@ FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "l
                  "hysteresis": 2, "min_loss_scale": 1}
 FP16_KNOBS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
 MMCOCONUT_KEY = "mmcoconut"  # run-config switches carried in the resolved ds dict to initialize()
-TRAIN_SWITCHES = {"compile": False, "deferred_wgrad": True}  # their defaults (absent from the dict when default)
+TRAIN_SWITCHES = ("compile", "deferred_wgrad")  # train.* fields carried to initialize() when not at their default
 
 
 def ds_configs_dir() -> Path:
@@ -136,7 +136,7 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     if t.compile and _zero_stage(ds) == 3:
         raise ConfigError(f"train.compile=true does not work with ZeRO-3 ({path}): its partitioned weights are "
                           "gathered by hooks that torch.compile cannot trace; use ZeRO-0/1/2")
-    opts = {k: v for k, v in (("compile", t.compile), ("deferred_wgrad", t.deferred_wgrad)) if v != TRAIN_SWITCHES[k]}
+    opts = {k: getattr(t, k) for k in TRAIN_SWITCHES if getattr(t, k) != getattr(TrainConfig, k)}
     if opts:
         ds[MMCOCONUT_KEY] = opts  # read (and removed) by initialize(); DeepSpeed never sees it
     _check_device_support(ds, path)
@@ -206,7 +206,7 @@ def initialize(model, ds: dict, lr_scheduler_factory):
     opts = ds.pop(MMCOCONUT_KEY, {})
     if opts.get("compile"):
         model.enable_compile()  # train.compile: the per-pass LM calls under torch.compile
-    model.deferred_wgrad = opts.get("deferred_wgrad", TRAIN_SWITCHES["deferred_wgrad"])  # model/wgrad.py
+    model.deferred_wgrad = opts.get("deferred_wgrad", TrainConfig.deferred_wgrad)  # model/wgrad.py
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision_of(ds))
     if _zero_stage(ds) == 3 and half is not None:
         # ZeRO-3 casts only what HfDeepSpeedConfig/zero.Init built (from_pretrained parts); modules created
