@@ -13,7 +13,7 @@ STAMP := $(VENV)/.mmcoconut-installed
 .PHONY: demo test test-all install clean-demo showcase
 
 install: $(STAMP)
-	$(BIN)/python -m mmcoconut.kernels || echo "install: the C++ op did not build (see above); inject_embeddings falls back to the PyTorch reference"
+	$(BIN)/python -m mmcoconut.cli.build_ops || echo "install: the C++ op did not build (see above); inject_embeddings falls back to the PyTorch reference"
 
 # torch first (never let a later step pick a CUDA build on a CPU machine), then the package with DS_BUILD_OPS=0.
 $(STAMP): pyproject.toml

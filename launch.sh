@@ -6,7 +6,7 @@
 #      DS_CONFIG (default ds_configs/zero0_1gpu.json on one GPU, ds_configs/zero2_<N>gpu.json on N > 1, and
 #      ds_configs/cpu/zero2_<N>gpu.json on CPU; with HOSTFILE pick the file for the total world size),
 #      HOSTFILE (multi-node: deepspeed --hostfile), MASTER_PORT (default 29500).
-# Elastic resume on another world size: python -m mmcoconut.train.universal RUN_DIR, then launch again.
+# Elastic resume on another world size: python -m mmcoconut.cli.universal RUN_DIR, then launch again.
 # Exit codes: 0 done, 1 error, 2 bad config / run dir in use, 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a
 # checkpoint (run the same command again to resume), 128+N a second signal N stopped it at once.
 for arg in "$@"; do  # --help: the header above, then exit (nothing is started)

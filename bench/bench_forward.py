@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmcoconut.model.latent import MMCoconut  # noqa: E402
-from mmcoconut.model.projector import build_projector  # noqa: E402
-from mmcoconut.tokens import SpecialIds  # noqa: E402
+from mmcoconut.modeling.latent import MMCoconut  # noqa: E402
+from mmcoconut.modeling.projector import build_projector  # noqa: E402
+from mmcoconut.modeling.tokens import SpecialIds  # noqa: E402
 
 
 def build(device, dtype, small: bool) -> MMCoconut:

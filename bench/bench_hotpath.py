@@ -3,7 +3,7 @@ the same batches measure the code before and after.
 
 GPT-2 124M config (random weights, vocab 50262) + a tiny frozen CLIP tower (1 pooled image token: the LM is what is
 measured), B=8, rows = <image> + 40 question + START + n latents + END + 20 answer tokens.
-  syncs    device->host reads in forward+backward of one micro-batch (mmcoconut.model.probes.HostSyncCounter)
+  syncs    device->host reads in forward+backward of one micro-batch (mmcoconut.testing.HostSyncCounter)
   vd       ops producing a [V, D] tensor during backward (VDGradCounter), by op
   saved    bytes autograd keeps for backward during the forward (saved_activation_bytes; parameters excluded)
   rss      peak resident-set growth of the process during one forward (Linux VmHWM reset through
@@ -43,9 +43,9 @@ def load_probes():
 def build(small: bool, layers=None):
     from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
 
-    from mmcoconut.model.latent import MMCoconut
-    from mmcoconut.model.projector import build_projector
-    from mmcoconut.tokens import SpecialIds
+    from mmcoconut.modeling.latent import MMCoconut
+    from mmcoconut.modeling.projector import build_projector
+    from mmcoconut.modeling.tokens import SpecialIds
     torch.manual_seed(0)
     lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=layers or 4, n_head=4) if small \
         else GPT2Config(vocab_size=50262)
@@ -74,7 +74,7 @@ def make_batch(model, B: int, n: int, seed: int = 0, plain: bool = False):
          "pixel_values": torch.randn(B, 3, 32, 32, generator=g)}
     b = {k: v.to(DEVICE) for k, v in b.items()}
     try:  # the hot-path code: the Collator's host-side plan
-        from mmcoconut.model.plan import plan_batch
+        from mmcoconut.modeling.pass_plan import plan_batch
         b["latent_plan"] = plan_batch(input_ids, ids.latent, ids.image).to(DEVICE)
     except ImportError:
         pass

@@ -27,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmcoconut.config import Config  # noqa: E402
-from mmcoconut.data.loader import FastClipPreprocess, StreamingLoader  # noqa: E402
+from mmcoconut.data.loader import StreamingLoader  # noqa: E402
+from mmcoconut.data.pipeline import FastClipPreprocess  # noqa: E402
 from mmcoconut.data.synthetic import draw_image, make_record  # noqa: E402
 from mmcoconut.tiny_models import make_tiny_models  # noqa: E402
 
@@ -66,7 +67,7 @@ def epoch_rate(spec, tok, proc, workers: int, micro: int = 32, samples_per_epoch
 def breakdown(spec, tok, proc, n: int = 200) -> dict:
     """ms per sample for each stage, in-process."""
     from mmcoconut.data.curriculum import build_example
-    from mmcoconut.tokens import SpecialIds
+    from mmcoconut.modeling.tokens import SpecialIds
     raws = []
     for raw in wds.tariterators.tarfile_samples([{"url": spec + "-000000.tar"}]):
         raws.append(raw)
@@ -126,7 +127,8 @@ class HTTPServer:
 
 def raw_rate(spec) -> tuple[float, float]:
     """(samples/s, MB/s) of reading the tar samples alone (ShardReader: open, stream, split; no decode)."""
-    from mmcoconut.data.pipeline import ShardReader, SkipCounter, expand_shards
+    from mmcoconut.data.pipeline import SkipCounter
+    from mmcoconut.data.shardlist import ShardReader, expand_shards
     urls = expand_shards(spec)
     t, n, nbytes = time.perf_counter(), 0, 0
     for raw in ShardReader(SkipCounter()).read(urls):

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from mmcoconut.config import load_config
     from mmcoconut.data.sharding import write_shards
     from mmcoconut.data.sources import SyntheticImage, WorkItem
-    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.factory import build_image_processor, build_model, build_tokenizer
     from mmcoconut.tiny_models import make_tiny_models
 
     tmp = Path(tempfile.mkdtemp(prefix="official_"))

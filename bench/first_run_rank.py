@@ -71,7 +71,7 @@ def step(self, *a, **k):
 deepspeed.init_distributed, deepspeed.initialize, DeepSpeedEngine.step = init_distributed, initialize, step
 REC["imports_done_at"] = round(time.time() - T0, 3)
 
-from mmcoconut.train.__main__ import main  # noqa: E402
+from mmcoconut.cli.train import main  # noqa: E402
 
 REC["rc"] = main(sys.argv[1:])
 sys.exit(REC["rc"])

@@ -25,11 +25,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mmcoconut.model.latent import MMCoconut  # noqa: E402
-from mmcoconut.model.plan import plan_batch  # noqa: E402
-from mmcoconut.model.projector import build_projector  # noqa: E402
-from mmcoconut.model.probes import HostSyncCounter  # noqa: E402
-from mmcoconut.tokens import SpecialIds  # noqa: E402
+from mmcoconut.modeling.latent import MMCoconut  # noqa: E402
+from mmcoconut.modeling.pass_plan import plan_batch  # noqa: E402
+from mmcoconut.modeling.projector import build_projector  # noqa: E402
+from mmcoconut.testing import HostSyncCounter  # noqa: E402
+from mmcoconut.modeling.tokens import SpecialIds  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

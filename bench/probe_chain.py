@@ -35,10 +35,10 @@ from mmcoconut.data.collate import Collator, GenerationCollator  # noqa: E402
 from mmcoconut.data.curriculum import build_example, build_prompt  # noqa: E402
 from mmcoconut.data.pipeline import FastClipPreprocess  # noqa: E402
 from mmcoconut.data.sharding import encode_jpeg  # noqa: E402
-from mmcoconut.eval.choices import map_to_choice  # noqa: E402
-from mmcoconut.eval.evaluate import extract_answer  # noqa: E402
-from mmcoconut.model.build import build_image_processor, build_model, build_tokenizer  # noqa: E402
-from mmcoconut.tokens import SpecialIds  # noqa: E402
+from mmcoconut.modeling.choices import map_to_choice  # noqa: E402
+from mmcoconut.modeling.prompt import extract_answer  # noqa: E402
+from mmcoconut.factory import build_image_processor, build_model, build_tokenizer  # noqa: E402
+from mmcoconut.modeling.tokens import SpecialIds  # noqa: E402
 
 DEMO_YAML = Path(__file__).resolve().parents[1] / "mmcoconut" / "configs" / "demo.yaml"
 

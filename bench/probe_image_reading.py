@@ -38,10 +38,10 @@ from mmcoconut.data import synthetic  # noqa: E402
 from mmcoconut.data.collate import Collator, GenerationCollator  # noqa: E402
 from mmcoconut.data.curriculum import build_example, build_prompt  # noqa: E402
 from mmcoconut.data.pipeline import FastClipPreprocess  # noqa: E402
-from mmcoconut.eval.choices import map_to_choice  # noqa: E402
-from mmcoconut.eval.evaluate import extract_answer  # noqa: E402
-from mmcoconut.model.build import build_image_processor, build_model, build_tokenizer  # noqa: E402
-from mmcoconut.tokens import SpecialIds  # noqa: E402
+from mmcoconut.modeling.choices import map_to_choice  # noqa: E402
+from mmcoconut.modeling.prompt import choices_suffix, extract_answer  # noqa: E402
+from mmcoconut.factory import build_image_processor, build_model, build_tokenizer  # noqa: E402
+from mmcoconut.modeling.tokens import SpecialIds  # noqa: E402
 
 ORDINALS = ("1st", "2nd", "3rd", "4th")
 DEMO_YAML = Path(__file__).resolve().parents[1] / "mmcoconut" / "configs" / "demo.yaml"
@@ -58,7 +58,7 @@ def probe_record(index: int, seed: int, with_choices: bool = True) -> dict:
     rng.shuffle(choices)
     raw = f"Which colour is the {ORDINALS[t]} shape?"
     steps = [f"The {ORDINALS[t]} is a {correct} {scene[t]['kind']}."]
-    question = raw + synthetic.choices_suffix(choices) if with_choices else raw
+    question = raw + choices_suffix(choices) if with_choices else raw
     return dict(rec, question=question, raw_question=raw, steps=steps, answer=correct,
                 choices=choices, correct_choice_idx=choices.index(correct), direct_answers=[correct] * 10,
                 rationales=steps, scene=scene)

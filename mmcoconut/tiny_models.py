@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .tokens import ADDED_TOKENS, PAD
+from .modeling.tokens import ADDED_TOKENS, PAD
 
 # name -> (lm: n_embd, n_layer, n_head, n_positions, dropout; vision: hidden, layers, heads, image_size, patch_size)
 PRESETS = {
@@ -48,7 +48,7 @@ def make_tiny_models(out_dir: str | Path, preset: str = "test", texts: Optional[
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
 
-    from .model.build import clip_image_processor_class
+    from .factory import clip_image_processor_class
 
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny-model preset {preset!r}; choose from {sorted(PRESETS)}")

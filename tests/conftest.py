@@ -66,7 +66,7 @@ def build_tiny_mmcoconut(dirs, image_tokens="pooled", seed=0, **over):
     """(model, tokenizer) for the tiny dirs; deterministic (seeded projector), eval mode, fp32."""
     import torch
     from mmcoconut.config import ModelConfig
-    from mmcoconut.model import build_model, build_tokenizer
+    from mmcoconut.factory import build_model, build_tokenizer
     mcfg = ModelConfig(lm_id=dirs["lm"], vision_id=dirs["vision"], image_tokens=image_tokens, vision_layer=-1,
                        **over)
     tok = build_tokenizer(mcfg)

@@ -19,8 +19,8 @@ CHOICES = ["red", "blue", "green", "yellow"]
 def export_dir(tmp_path_factory, tiny_dirs):
     """An export of a tiny model with the run-config defaults (pooled image token), as a seed config builds it."""
     from mmcoconut.config import load_config
-    from mmcoconut.model import build_model, build_tokenizer
-    from mmcoconut.model.export import save_export
+    from mmcoconut.factory import build_model, build_tokenizer
+    from mmcoconut.export.hf_export import save_export
     cfg = load_config(data={"model": {"lm_id": tiny_dirs["lm"], "vision_id": tiny_dirs["vision"]},
                             "curriculum": {"c_thought": 1, "max_latent_stage": 1}, "eval": {"max_new_tokens": 8}})
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def test_shell_scripts_print_usage_and_start_nothing(script, tmp_path):
 
 def test_ask_prints_the_answer_and_json(export_dir, tmp_path, capsys):
     from mmcoconut.cli.ask import main
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
     img = _img(tmp_path / "cat.png")
     args = ["--model", str(export_dir), "--image", str(img), "--question", "What color is the cube?",
             "--choices", "red | blue|green|yellow"]
@@ -67,9 +67,9 @@ def test_ask_prints_the_answer_and_json(export_dir, tmp_path, capsys):
 
 def test_predict_on_seed_json_and_official_aokvqa_json(export_dir, tmp_path, capsys):
     from mmcoconut.cli.predict import main
-    from mmcoconut.eval.choices import map_to_choice
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
-    from mmcoconut.prompt import choices_suffix
+    from mmcoconut.modeling.choices import map_to_choice
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling.prompt import choices_suffix
     (tmp_path / "imgs").mkdir()
     seed = [{"image": f"imgs/{i}.png", "question": f"What color is shape {i}?" + choices_suffix(CHOICES),
              "steps": ["It is red."], "answer": "0", "choices": CHOICES, "correct_choice_idx": 0,
@@ -112,8 +112,8 @@ def test_seed_flat_config_runs_as_one_process_without_a_launcher(export_dir, tin
     checkpoint's consolidated weights."""
     from test_config import UPSTREAM_SEED
 
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
-    from mmcoconut.model.export import load_checkpoint
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
+    from mmcoconut.export.hf_export import load_checkpoint
     sys.path.insert(0, str(ROOT / "tools"))
     import make_shards
     common = ["--image-size", "32", "--workers", "1", "--no-progress"]  # 2 shards each: the 2 default workers

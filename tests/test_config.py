@@ -90,7 +90,7 @@ def test_missing_config_lists_shipped_ones():
 # ------------------------------------------------------------------------------------- --help, key resolution
 def test_help_lists_every_key_with_type_default_and_doc(capsys):
     from mmcoconut.config_help import rows
-    from mmcoconut.train.__main__ import main
+    from mmcoconut.cli.train import main
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for key, tp, default, doc in rows():

@@ -6,7 +6,7 @@ from mmcoconut.config import CurriculumConfig
 from mmcoconut.data.collate import Collator, GenerationCollator
 from mmcoconut.data.curriculum import (OverlongError, SharedStage, build_example, build_prompt, sample_rng,
                                        stage_for_epoch)
-from mmcoconut.tokens import SpecialIds
+from mmcoconut.modeling.tokens import SpecialIds
 
 X = -100
 N_IMG = 2

@@ -8,7 +8,8 @@ import webdataset as wds
 from PIL import Image
 
 from mmcoconut.config import Config
-from mmcoconut.data.loader import EvalLoader, StreamingLoader
+from mmcoconut.data.eval_loader import EvalLoader
+from mmcoconut.data.loader import StreamingLoader
 from mmcoconut.data.pipeline import SKIP_REASONS, SkipCounter
 from mmcoconut.train.checkpoint import TrainError, TrainState
 from mmcoconut.train.steplog import StepLog

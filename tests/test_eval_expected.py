@@ -72,7 +72,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(eval_cfg_factory):
-    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.factory import build_image_processor, build_model, build_tokenizer
     cfg = eval_cfg_factory({"eval.batch_size": 3})
     torch.manual_seed(0)
     tok = build_tokenizer(cfg.model)

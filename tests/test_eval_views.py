@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcoconut.eval.evaluate import VIEWS, evaluate, extract_answer
+from mmcoconut.eval.evaluate import VIEWS, evaluate
+from mmcoconut.modeling.prompt import extract_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def shard_records(shards: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(eval_cfg_factory):
-    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.factory import build_image_processor, build_model, build_tokenizer
     cfg = eval_cfg_factory()
     torch.manual_seed(0)
     tok = build_tokenizer(cfg.model)
@@ -151,7 +152,7 @@ def _free_port() -> int:
 @pytest.mark.multiproc
 def test_two_rank_eval_gathers_every_question_once(tiny, eval_shards, tmp_path):
     """2 ranks (torchrun, gloo) on 13 samples in uneven shards: 7 + 6 samples, padded batches; rank 0 writes."""
-    from mmcoconut.model.export import save_export
+    from mmcoconut.export.hf_export import save_export
     model, tok, improc, cfg = tiny
     export = tmp_path / "export"
     save_export(model, tok, cfg, export, image_processor=improc)
@@ -177,7 +178,7 @@ def test_per_sample_latent_counts_batched_equal_one_by_one(tiny_dirs, eval_cfg_f
     c_thought latents (Coconut, pad_latent_to_max false), and batches of 5 mixed counts generate exactly what
     batches of one do."""
     from conftest import build_tiny_mmcoconut
-    from mmcoconut.model import build_image_processor
+    from mmcoconut.factory import build_image_processor
     sys.path.insert(0, str(ROOT / "tools"))
     import make_shards
     out = tmp_path / "chain"

@@ -1,5 +1,5 @@
-"""Export round trip: ZeRO-2 DeepSpeed checkpoint (frozen vision excluded) -> tools/export_hf.py (a self-contained
-Hugging Face dir) -> load_export gives the engine's logits; eval CLI on the checkpoint; tools/predict.py on the export;
+"""Export round trip: ZeRO-2 DeepSpeed checkpoint (frozen vision excluded) -> mmcoconut-export (a self-contained
+Hugging Face dir) -> load_export gives the engine's logits; eval CLI on the checkpoint; mmcoconut-predict on the export;
 the model card carries the eval table of the same checkpoint."""
 import json
 import os
@@ -13,15 +13,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 # Runs in a subprocess (its own single-rank process group): train 3 steps through a ZeRO-2 engine, save a
 # checkpoint with the resolved config in client_state (frozen vision excluded), store inputs + reference logits.
 DS_SCRIPT = textwrap.dedent('''
     import json, sys, torch, deepspeed
     from mmcoconut.config import load_config
-    from mmcoconut.data.loader import EvalLoader
-    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.data.eval_loader import EvalLoader
+    from mmcoconut.factory import build_image_processor, build_model, build_tokenizer
     cfg_path, shards, ckpt, ref = sys.argv[1:5]
     cfg = load_config(data=json.load(open(cfg_path)))
     torch.manual_seed(0)
@@ -79,7 +78,7 @@ def zero2_ckpt(eval_cfg_factory, eval_shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(zero2_ckpt, tmp_path_factory):
-    import export_hf
+    from mmcoconut.cli import export as export_hf
     ckpt, _, _ = zero2_ckpt
     out = tmp_path_factory.mktemp("export") / "hf"
     assert export_hf.main([str(ckpt), str(out)]) == 0
@@ -110,8 +109,8 @@ def test_export_layout(exported, tiny_dirs, zero2_ckpt):
 
 
 def test_model_card_has_the_eval_table_of_this_checkpoint(zero2_ckpt, eval_shards, tmp_path):
-    from mmcoconut.eval.__main__ import main as eval_main
-    import export_hf
+    from mmcoconut.cli.eval import main as eval_main
+    from mmcoconut.cli import export as export_hf
     ckpt, _, _ = zero2_ckpt
     assert eval_main([str(ckpt / "step3"), eval_shards, "--views", "nocot,coconut", "--max-samples", "4",
                       "--out", str(ckpt / "eval-step3")]) == 0
@@ -124,8 +123,8 @@ def test_model_card_has_the_eval_table_of_this_checkpoint(zero2_ckpt, eval_shard
 
 
 def test_export_roundtrip_matches_engine_logits(zero2_ckpt, exported, eval_cfg_factory):
-    from mmcoconut.model import build_model, build_tokenizer
-    from mmcoconut.model.export import load_export
+    from mmcoconut.factory import build_model, build_tokenizer
+    from mmcoconut.export.hf_export import load_export
     _, ref, cfg = zero2_ckpt
     model, tok, improc, cfg2 = load_export(exported)
     assert cfg2.curriculum.max_latent_stage == cfg.curriculum.max_latent_stage
@@ -139,7 +138,7 @@ def test_export_roundtrip_matches_engine_logits(zero2_ckpt, exported, eval_cfg_f
 
 
 def test_eval_cli_on_deepspeed_checkpoint(zero2_ckpt, eval_shards, tmp_path):
-    from mmcoconut.eval.__main__ import main
+    from mmcoconut.cli.eval import main
     ckpt, _, _ = zero2_ckpt
     out = tmp_path / "ev"
     assert main([str(ckpt / "step3"), eval_shards, "--views", "coconut", "--stage", "1", "--max-samples", "4",
@@ -150,7 +149,7 @@ def test_eval_cli_on_deepspeed_checkpoint(zero2_ckpt, eval_shards, tmp_path):
 
 
 def test_predict_from_export(exported, eval_shards, tmp_path, capsys):
-    import predict
+    from mmcoconut.cli import predict
     out = tmp_path / "preds.json"
     assert predict.main([str(exported), eval_shards, str(out), "--view", "coconut", "--batch-size", "8"]) == 0
     preds = json.loads(out.read_text())
@@ -162,9 +161,9 @@ def test_predict_from_export(exported, eval_shards, tmp_path, capsys):
 @pytest.mark.parametrize("freeze_vision", [False])
 def test_save_load_export_tuned_vision(eval_cfg_factory, tmp_path, freeze_vision):
     """A tuned vision tower is saved with the other weights and reloaded from there."""
-    from mmcoconut.data.loader import EvalLoader
-    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
-    from mmcoconut.model.export import load_export, save_export
+    from mmcoconut.data.eval_loader import EvalLoader
+    from mmcoconut.factory import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.export.hf_export import load_export, save_export
     cfg = eval_cfg_factory({"model.freeze_vision": freeze_vision})
     torch.manual_seed(1)
     tok = build_tokenizer(cfg.model)

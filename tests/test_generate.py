@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmcoconut.data.collate import GenerationCollator
-from mmcoconut.model import generate_reference
+from mmcoconut.modeling import generate_reference
 
 
 def prompt_rows(model, tok, view, n_latents=2, n_rows=4, seed=0):

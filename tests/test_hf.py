@@ -1,5 +1,5 @@
 """Hugging Face-native model: config/model/processor round trips, the answer API, the shipped code (loads where
-mmcoconut is not importable, also after a push to a Hub-like server), and the bundler's rules."""
+mmcoconut is not importable, also after a push to a Hub-like server), and what an export ships."""
 import base64
 import json
 import os
@@ -29,8 +29,8 @@ def _image(seed: int, size=40):
 def hf_export(tmp_path_factory, tiny_dirs, eval_cfg_factory):
     """A tiny model built from *copies* of the tiny dirs, exported; the copies are deleted afterwards, so loading
     the export can only use what is inside it."""
-    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
-    from mmcoconut.model.export import save_export
+    from mmcoconut.factory import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.export.hf_export import save_export
     d = tmp_path_factory.mktemp("hfexp")
     lm, vision = shutil.copytree(tiny_dirs["lm"], d / "src" / "lm"), shutil.copytree(tiny_dirs["vision"],
                                                                                      d / "src" / "vision")
@@ -48,7 +48,7 @@ def hf_export(tmp_path_factory, tiny_dirs, eval_cfg_factory):
 
 
 def test_config_and_weights_round_trip(hf_export):
-    from mmcoconut.hf import MMCoconutConfig, MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutConfig, MMCoconutForConditionalGeneration
     out, model, _, cfg = hf_export
     conf = MMCoconutConfig.from_pretrained(out)
     assert conf.num_image_tokens == model.n_image_tokens and conf.default_n_latents == 2
@@ -63,7 +63,7 @@ def test_config_and_weights_round_trip(hf_export):
 def test_wrapper_computes_what_mmcoconut_computes(hf_export):
     """Same logits and the same KV-cached generation as the training model (the HF class only wraps it)."""
     from conftest import make_mm_batch
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
     out, model, tok, _ = hf_export
     hf = MMCoconutForConditionalGeneration.from_pretrained(out).eval()
     batch = make_mm_batch(model, tok, [2, 0, 1])
@@ -75,8 +75,8 @@ def test_wrapper_computes_what_mmcoconut_computes(hf_export):
 def test_processor_prompt_is_build_prompt(hf_export):
     """The processor's prompt ids equal the data pipeline's (curriculum.build_prompt) for every view."""
     from mmcoconut.data.curriculum import build_prompt
-    from mmcoconut.hf import MMCoconutProcessor
-    from mmcoconut.prompt import choices_suffix
+    from mmcoconut.modeling import MMCoconutProcessor
+    from mmcoconut.modeling.prompt import choices_suffix
     out, model, tok, cfg = hf_export
     proc = MMCoconutProcessor.from_pretrained(out)
     sample = {"question": QUESTIONS[0] + choices_suffix(CHOICES), "steps": ["a", "b", "c"], "answer": "0"}
@@ -94,7 +94,7 @@ def test_processor_prompt_is_build_prompt(hf_export):
 
 
 def test_answer_batched_equals_one_by_one_and_parses(hf_export):
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
     out, _, _, _ = hf_export
     hf = MMCoconutForConditionalGeneration.from_pretrained(out)
     images = [_image(i) for i in range(3)]
@@ -119,13 +119,13 @@ def test_answer_batched_equals_one_by_one_and_parses(hf_export):
 
 
 def test_auto_classes_with_mmcoconut_installed(hf_export):
-    """Importing mmcoconut.hf registers the model type: no trust_remote_code needed, the package's classes load."""
-    import mmcoconut.hf
+    """Importing mmcoconut.modeling registers the model type: no trust_remote_code needed, the package's classes load."""
+    import mmcoconut.modeling
     from transformers import AutoConfig, AutoModel, AutoProcessor
     out, _, _, _ = hf_export
-    assert type(AutoConfig.from_pretrained(out)) is mmcoconut.hf.MMCoconutConfig
-    assert type(AutoModel.from_pretrained(out)) is mmcoconut.hf.MMCoconutForConditionalGeneration
-    assert type(AutoProcessor.from_pretrained(out)) is mmcoconut.hf.MMCoconutProcessor
+    assert type(AutoConfig.from_pretrained(out)) is mmcoconut.modeling.MMCoconutConfig
+    assert type(AutoModel.from_pretrained(out)) is mmcoconut.modeling.MMCoconutForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(out)) is mmcoconut.modeling.MMCoconutProcessor
 
 
 # ------------------------------------------------------------------------ remote code, no mmcoconut importable
@@ -169,7 +169,7 @@ def run_remote(export, tmp_path, images, choices):
 def test_export_loads_and_answers_without_mmcoconut(hf_export, tmp_path):
     """AutoModel(trust_remote_code) in a process where `import mmcoconut` fails, cwd and sys.path outside the repo,
     from a copy of the export in another place: the same answers as the package computes."""
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
     out, _, _, _ = hf_export
     moved = shutil.copytree(out, tmp_path / "elsewhere" / "my-model")
     images = []
@@ -229,7 +229,7 @@ def test_push_to_hub_uploads_a_loadable_repo(hf_export, tmp_path, monkeypatch):
     """push_to_hub against a local server speaking the Hub's upload API (huggingface_hub has no file:// backend):
     the committed repo holds weights, code, processor and card, and loads without mmcoconut."""
     import huggingface_hub.constants
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
     FakeHub.root = tmp_path / "hub"
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -248,65 +248,29 @@ def test_push_to_hub_uploads_a_loadable_repo(hf_export, tmp_path, monkeypatch):
     assert len(got["answers"]) == 4
 
 
-# ----------------------------------------------------------------------------------------------- bundler
-def _pkg(tmp_path, files: dict) -> Path:
-    """A throw-away package root/ (with __init__.py) holding hf/<entry modules> and the given extra files."""
-    root = tmp_path / "pkg"
-    for rel, text in {"__init__.py": "", "hf/__init__.py": "", "hf/configuration_mmcoconut.py": "X = 1\n",
-                      "hf/processing_mmcoconut.py": "Y = 2\n", **files}.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return root / "hf"
-
-
-def test_bundle_rewrites_imports_and_refuses_unshippable_ones(tmp_path):
-    from mmcoconut.hf.bundle import BundleError, write_code
-    hf = _pkg(tmp_path, {
-        "hf/modeling_mmcoconut.py": "from ..model.core import f\n",
-        "model/__init__.py": "",
-        "model/core.py": textwrap.dedent('''
-            import torch
-            from ..util.tokens import T
-            try:
-                from ..kernels import fast
-            except ImportError:
-                fast = None
-            def f():
-                import deepspeed
-                from deepspeed.utils import safe_get_full_fp32_param as g
-                return T
-        '''),
-        "util/__init__.py": "", "util/tokens.py": "T = 3\n", "kernels/__init__.py": "fast = 1\n"})
-    files = write_code(tmp_path / "out", here=hf)
-    assert files == ["configuration_mmcoconut.py", "core.py", "modeling_mmcoconut.py", "processing_mmcoconut.py",
-                     "tokens.py"]
-    core = (tmp_path / "out" / "core.py").read_text()
-    assert "from .tokens import T" in core and "from ..kernels" not in core and "raise ImportError" in core
-    assert 'import_module("deepspeed")' in core and "g = _mod.safe_get_full_fp32_param" in core
-    assert "import deepspeed\n" not in core
-    # the generated code imports and runs as a flat package (fast falls back, the lazy import is never run)
-    (tmp_path / "out" / "__init__.py").write_text("")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import out.core
-        assert out.core.fast is None and out.core.T == 3
-    finally:
-        sys.path.remove(str(tmp_path))
-    bad = _pkg(tmp_path / "b", {"hf/modeling_mmcoconut.py": "import deepspeed\n"})
-    with pytest.raises(BundleError, match="modeling_mmcoconut.py:1: module-level import of deepspeed"):
-        write_code(tmp_path / "out2", here=bad)
-    bad = _pkg(tmp_path / "c", {"hf/modeling_mmcoconut.py": "from .. import tokens\n", "tokens.py": ""})
-    with pytest.raises(BundleError, match="imports modules by name"):
-        write_code(tmp_path / "out3", here=bad)
-
-
-def test_shipped_code_is_the_package_code(hf_export):
-    """Every shipped file is the package module with only its import lines rewritten (nothing hand-copied)."""
-    from mmcoconut.hf.bundle import collect, flat_names
+# ----------------------------------------------------------------------------------------------- shipped code
+def test_the_export_ships_the_modeling_folder_unchanged(hf_export):
+    """An export's code is mmcoconut/modeling/ (every module but __init__), each file byte for byte after one
+    header line: nothing is rewritten or hand-copied."""
+    import mmcoconut.modeling as modeling
+    from mmcoconut.modeling.shipped import shipped_files
+    here = Path(modeling.__file__).parent
+    assert {f.name for f in shipped_files()} == {f.name for f in here.glob("*.py")} - {"__init__.py"}
     out, _, _, _ = hf_export
-    names = flat_names(collect())
-    assert set(names.values()) == {p.stem for p in out.glob("*.py")}
-    for src, name in names.items():
-        shipped = [ln for ln in (out / f"{name}.py").read_text().splitlines()[1:] if "import" not in ln.lower()]
-        original = [ln for ln in src.read_text().splitlines() if "import" not in ln.lower()]
-        assert shipped == original, name
+    assert {f.name for f in out.glob("*.py")} == {f.name for f in shipped_files()}
+    for src in shipped_files():
+        assert (out / src.name).read_text().split("\n", 1)[1] == src.read_text(), src.name
+
+
+def test_an_unshippable_import_is_refused(tmp_path):
+    import mmcoconut.modeling as modeling
+    from mmcoconut.modeling.shipped import ShippingError, write_code
+    here = tmp_path / "modeling"
+    shutil.copytree(Path(modeling.__file__).parent, here, ignore=shutil.ignore_patterns("__pycache__"))
+    card = here / "card.py"
+    card.write_text("import deepspeed\n" + card.read_text())
+    with pytest.raises(ShippingError, match="deepspeed"):
+        write_code(tmp_path / "out", here=here)
+    card.write_text(card.read_text().replace("import deepspeed\n", "from .missing_module import x\n"))
+    with pytest.raises(ShippingError, match="missing"):
+        write_code(tmp_path / "out2", here=here)

@@ -15,8 +15,8 @@ import inspect_latents  # noqa: E402
 @pytest.fixture(scope="module")
 def export(tiny_dirs, eval_cfg_factory, tmp_path_factory):
     from conftest import build_tiny_mmcoconut
-    from mmcoconut.model import build_image_processor
-    from mmcoconut.model.export import save_export
+    from mmcoconut.factory import build_image_processor
+    from mmcoconut.export.hf_export import save_export
     cfg = eval_cfg_factory({"curriculum.c_thought": 2, "curriculum.max_latent_stage": 2})
     model, tok = build_tiny_mmcoconut(tiny_dirs, "patches")
     out = tmp_path_factory.mktemp("inspect") / "export"
@@ -43,7 +43,7 @@ def test_thoughts_table_heatmap_and_reference(export, eval_shards, tmp_path, cap
             assert all(-1.0001 <= c <= 1.0001 for c in e["cos"])
     # Reference: thought t is the input of latent column t, i.e. the uncached forward's last hidden state one
     # column before it; its LM-head distribution is naive_forward's logits there.
-    from mmcoconut.model import build_image_processor
+    from mmcoconut.factory import build_image_processor
     row = inspect_latents.read_rows(eval_shards, tok, build_image_processor(cfg.model), cfg, model.n_image_tokens,
                                     2, [data["samples"][0]["key"]], 0)[0]
     ids = torch.tensor([row["input_ids"]])

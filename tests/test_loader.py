@@ -9,7 +9,9 @@ import webdataset as wds
 from PIL import Image
 
 from mmcoconut.config import Config
-from mmcoconut.data.loader import EvalLoader, StreamingLoader, expand_shards
+from mmcoconut.data.eval_loader import EvalLoader
+from mmcoconut.data.loader import StreamingLoader
+from mmcoconut.data.shardlist import expand_shards
 
 
 def write_shards(root, sizes, prefix="train", bad=None, start=0):
@@ -150,7 +152,7 @@ def test_overlong(tmp_path, tiny_tokenizer, tiny_processor):
         list(loader(spec, tiny_tokenizer, tiny_processor, cfg))
     cfg.data.overlong, cfg.data.samples_per_epoch = "skip", 2
     from mmcoconut.data.curriculum import build_example
-    from mmcoconut.tokens import SpecialIds
+    from mmcoconut.modeling.tokens import SpecialIds
     one_step = {"question": "What color is the cube? The choices are 0: red, 1: blue 0", "answer": "0",
                 "steps": ["The cube is left of the ball."]}
     cfg.model.max_length = len(build_example(one_step, tiny_tokenizer, SpecialIds.from_tokenizer(tiny_tokenizer),
@@ -195,7 +197,7 @@ def test_eval_loader_split_and_padding(tmp_path, tiny_tokenizer, tiny_processor,
 def test_fast_clip_preprocess_matches_processor(tiny_processor):
     import numpy as np
     from transformers import CLIPImageProcessor
-    from mmcoconut.data.loader import FastClipPreprocess
+    from mmcoconut.data.pipeline import FastClipPreprocess
     rng = np.random.default_rng(0)
     for proc in (tiny_processor, CLIPImageProcessor()):
         fast = FastClipPreprocess.build(proc)

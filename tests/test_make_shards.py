@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import make_shards  # noqa: E402
 from mmcoconut.data import synthetic  # noqa: E402
+from mmcoconut.modeling.prompt import choices_suffix  # noqa: E402
 from mmcoconut.data.sharding import write_shards  # noqa: E402
 from mmcoconut.data.sources import synthetic_records  # noqa: E402
 
@@ -198,7 +199,7 @@ def test_synthetic_records_are_consistent():
         assert len(set(rec["choices"])) == 4 and anchor_colour not in rec["choices"]
         assert len(set(rec["choices"]) - scene_colours) == 1
         assert rec["answer"] in scene_colours
-        assert rec["question"] == rec["raw_question"] + synthetic.choices_suffix(rec["choices"])
+        assert rec["question"] == rec["raw_question"] + choices_suffix(rec["choices"])
         assert rec["steps"] == rec["rationales"] and len(rec["steps"]) == 3
         assert rec["steps"][-1] == f"The {target['kind']} {target['colour']}."
         quadrants = {(s["x"], s["y"]) for s in rec["scene"]}

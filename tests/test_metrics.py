@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mmcoconut.eval.choices import map_to_choice, predictions_from_generations
+from mmcoconut.modeling.choices import map_to_choice
+from mmcoconut.eval.scoring import predictions_from_generations
 from mmcoconut.eval.metrics import (eval_aokvqa, evaluate_predictions, load_predictions, main,
                                     save_predictions)
 

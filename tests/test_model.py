@@ -96,21 +96,22 @@ def test_gradients_match_naive(tiny_dirs, mode):
 
 def test_more_passes_than_local_latents(tiny_mm, monkeypatch):
     """As on a rank whose batch has fewer latents than another rank's: extra passes, same result."""
-    import mmcoconut.model.latent as latent
     model, tok = tiny_mm("pooled")
     for counts in ([0, 2, 1], [0, 0, 0]):
         b = make_mm_batch(model, tok, counts)
         with torch.no_grad():
             ref = model(**b)
-            monkeypatch.setattr(latent, "_agree_passes", lambda v: b["input_ids"].shape[1] + 2)
-            out = model(**b)
-            monkeypatch.undo()
+            model.agree_pass_count = lambda v: b["input_ids"].shape[1] + 2
+            try:
+                out = model(**b)
+            finally:
+                model.agree_pass_count = None
         assert out.n_passes == b["input_ids"].shape[1] + 3  # forces right padding too
         assert rel_err(out.logits, ref.logits) <= 1e-5 and abs(out.loss - ref.loss) <= 1e-5 * ref.loss
 
 
 def test_batch_errors(tiny_mm, monkeypatch):
-    import mmcoconut.model.latent as latent
+    import mmcoconut.modeling.latent as latent
     model, tok = tiny_mm("patches")
     b = make_mm_batch(model, tok, [2, 1])
     b.pop("latent_plan")  # the model plans these edited batches itself
@@ -156,7 +157,7 @@ def test_collator_rejects_bad_rows_naming_keys(tiny_mm):
 def test_build_options(tiny_dirs, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    from mmcoconut.model import num_image_tokens
+    from mmcoconut.modeling.vision import num_image_tokens
     model, tok = build_tiny_mmcoconut(tiny_dirs, "patches", projector="linear", freeze_vision=False)
     assert isinstance(model.projector, torch.nn.Linear)
     assert model.n_image_tokens == num_image_tokens(model.vision.config, "patches") == 4

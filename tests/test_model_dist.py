@@ -1,4 +1,5 @@
-"""2 CPU ranks (gloo) with different latent counts: the pass count is all-reduced, losses equal 1-process ones."""
+"""2 CPU ranks (gloo) with different latent counts: the pass count the engine agrees on is all-reduced, losses equal
+1-process ones."""
 import multiprocessing as mp
 import os
 import socket
@@ -26,7 +27,9 @@ def _worker(rank, port, dirs, queue):
         torch.distributed.init_process_group("gloo", rank=rank, world_size=2,
                                              timeout=__import__("datetime").timedelta(seconds=60))
         from conftest import build_tiny_mmcoconut, make_mm_batch
+        from mmcoconut.train import rank_agreement
         model, tok = build_tiny_mmcoconut(dirs, "pooled")
+        rank_agreement.install(model, stop_together=False)  # what the engine installs on a multi-rank run
         b = make_mm_batch(model, tok, BATCHES[rank], seed=rank)
         out = model(**b)
         out.loss.backward()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_mmcoconut, make_mm_batch
-from mmcoconut.model.probes import HostSyncCounter, VDGradCounter, saved_activation_bytes
+from mmcoconut.testing import HostSyncCounter, VDGradCounter, saved_activation_bytes
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_static_cache_saves_no_kv_copies(trained_mode):
 
 def _one_latent_pass_inputs(model, tok):
     """A batch after pass 0 and one latent pass: (fill source, pass slice, mask, positions, kv, row mask)."""
-    from mmcoconut.model import kvcache
+    from mmcoconut.modeling import kvcache
     b = make_mm_batch(model, tok, [2, 2], seed=5)
     plan = b["latent_plan"]
     lay = plan.layout(plan.m_local)
@@ -140,7 +140,7 @@ def test_enable_compile_matches_eager(tiny_dirs):
 def test_deferred_weight_gradients(trained_mode, monkeypatch):
     """Each Conv1D weight gets one gradient per micro-batch, accumulated in place over the passes (wgrad.py): same
     loss bit for bit, same gradients up to the rounding of a fused multiply-add, one AccumulateGrad per weight."""
-    import mmcoconut.model.wgrad as wgrad
+    import mmcoconut.modeling.wgrad as wgrad
     model, tok = trained_mode
     b = make_mm_batch(model, tok, [2, 0, 3, 1], seed=5)
     weights = [m.weight for m in model._conv1d]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmcoconut.train import __main__ as train_main
+from mmcoconut.cli import train as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,14 +54,14 @@ class Reached(Exception):
 @pytest.fixture
 def sentinel(monkeypatch):
     """Replace what runs after pre-flight; `calls` records whether it was reached."""
-    import mmcoconut.train.engine as engine
+    import mmcoconut.train.ds_ops as ds_ops
     import mmcoconut.train.loop as loop
     calls = []
 
     def reached(*a, **k):
         calls.append(a)
         raise Reached()
-    monkeypatch.setattr(engine, "init_distributed", reached)
+    monkeypatch.setattr(ds_ops, "init_distributed", reached)
     monkeypatch.setattr(loop, "train", reached)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     return calls

@@ -11,7 +11,7 @@ import shutil
 import fsspec
 import pytest
 
-from mmcoconut.data.loader import EvalLoader
+from mmcoconut.data.eval_loader import EvalLoader
 from mmcoconut.data.pipeline import SkipCounter
 from mmcoconut.data.shardlist import ShardReader, expand_shards, shard_sizes
 from shard_server import ShardServer

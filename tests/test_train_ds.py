@@ -182,7 +182,7 @@ def test_elastic_resume_2_to_1(setup, run_a):
     """A's last checkpoint (2 ranks) -> universal -> 1 rank (same global batch, accumulation 4), one more epoch."""
     run = setup / "runA_elastic"
     shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
-    conv = subprocess.run([sys.executable, "-m", "mmcoconut.train.universal", str(run)], cwd=ROOT,
+    conv = subprocess.run([sys.executable, "-m", "mmcoconut.cli.universal", str(run)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert conv.returncode == 0, conv.stdout + conv.stderr
     assert (run / "epoch002_universal" / "zero").is_dir()
@@ -282,7 +282,7 @@ import collections, json, os, sys
 import torch
 from torch.overrides import TorchFunctionMode
 import mmcoconut.train
-from mmcoconut.train.__main__ import main
+from mmcoconut.cli.train import main
 
 TORCH, TRAIN = os.path.dirname(torch.__file__), os.path.dirname(mmcoconut.train.__file__)
 SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mmcoconut.config import ConfigError, load_config
-from mmcoconut.train.__main__ import parse_args
-from mmcoconut.train.checkpoint import INDEX, META, plan_resume
+from mmcoconut.cli.train import parse_args
+from mmcoconut.train.checkpoint import plan_resume
+from mmcoconut.train.index import INDEX, META
 from mmcoconut.train.schedule import lr_factor
 from mmcoconut.train.tracking import Tracker, read_metrics, wandb_mode
 
@@ -63,7 +64,7 @@ def test_plan_resume(tmp_path):
     assert not plan_resume(cfg, 2, 1).universal  # ZeRO-1 <-> 2 share the format
     with pytest.raises(ConfigError, match="ZeRO-3 and ZeRO-1/2"):
         plan_resume(cfg, 2, 3)
-    with pytest.raises(ConfigError, match="python -m mmcoconut.train.universal"):
+    with pytest.raises(ConfigError, match="python -m mmcoconut.cli.universal"):
         plan_resume(cfg, 1, 2)  # world size changed, not converted yet
     (tmp_path / "run" / "step00000002_universal" / "zero").mkdir(parents=True)
     assert plan_resume(cfg, 1, 2).universal

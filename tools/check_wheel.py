@@ -2,7 +2,7 @@
 """Check a built mmcoconut wheel against the checkout: python tools/check_wheel.py dist/mmcoconut-*.whl
 
 - every module of mmcoconut/ is in it, plus configs/*.yaml, kernels/csrc/*, all of ds_configs/**/*.json (as
-  mmcoconut/ds_configs) and tools/*.py (as mmcoconut/tools), and the LICENSE;
+  mmcoconut/ds_configs), and the LICENSE;
 - every console script points at a module in the wheel that defines the function;
 - Requires-Dist is exactly what the code imports (third-party import roots mapped to distributions), plus the
   runtime-only dependencies listed in RUNTIME_ONLY; optional imports must be in an extra.
@@ -34,7 +34,6 @@ def expected_files() -> set[str]:
     out |= {f"mmcoconut/kernels/csrc/{p.name}" for p in (ROOT / "mmcoconut/kernels/csrc").iterdir() if p.is_file()}
     out |= {f"mmcoconut/ds_configs/{p.relative_to(ROOT / 'ds_configs').as_posix()}"
             for p in (ROOT / "ds_configs").rglob("*.json")}
-    out |= {f"mmcoconut/tools/{p.name}" for p in (ROOT / "tools").glob("*.py")}
     return out
 
 

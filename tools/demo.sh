@@ -54,7 +54,7 @@ echo "metrics:        $RUN/metrics.jsonl ($(wc -l < "$RUN/metrics.jsonl") record
 echo "plots:          $(ls "$RUN"/*.png 2>/dev/null | tr '\n' ' ')"
 echo "eval table:     $EVAL/eval_results.json"
 echo "predictions:    $(ls "$EVAL"/predictions_*.json | tr '\n' ' ')"
-echo "export to HF:   python tools/export_hf.py $RUN $RUN/export && python tools/predict.py $RUN/export $SHARDS/val preds.json"
+echo "export to HF:   mmcoconut-export $RUN $RUN/export && mmcoconut-predict $RUN/export $SHARDS/val preds.json"
 python - "$EVAL/eval_results.json" <<'PY'
 import json, sys
 print(json.load(open(sys.argv[1]))["table"])

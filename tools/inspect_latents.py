@@ -22,7 +22,8 @@ def read_rows(shards: str, tok, improc, cfg, n_image_tokens: int, stage: int, ke
     """Coconut prompt rows of the chosen samples (keys: tar keys or question ids; else the first `first`)."""
     from mmcoconut.data.curriculum import build_prompt
     from mmcoconut.data.eval_loader import positioned_samples
-    from mmcoconut.data.pipeline import RowBuilder, ShardReader, SkipCounter, expand_shards
+    from mmcoconut.data.pipeline import RowBuilder, SkipCounter
+    from mmcoconut.data.shardlist import ShardReader, expand_shards
 
     urls, skips = expand_shards(shards), SkipCounter()
     builder = RowBuilder(tok, improc, cfg, n_image_tokens, skips)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     import torch
 
     from mmcoconut.eval.latents import decode_thoughts, format_thoughts, plot_thoughts
-    from mmcoconut.model.export import load_any
+    from mmcoconut.export.hf_export import load_any
 
     try:
         model, tok, improc, cfg, info = load_any(args.ckpt, tag=args.tag, overrides=rest)

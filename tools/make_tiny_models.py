@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run from a checkout without installing (installed: mmcoconut.tools)
+if __package__ in (None, ""):  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmcoconut.tiny_models import PRESETS, make_tiny_models  # noqa: E402
 

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run from a checkout without installing (installed: mmcoconut.tools)
+if __package__ in (None, ""):  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmcoconut.eval.plots import plot_run  # noqa: E402

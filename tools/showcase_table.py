@@ -24,7 +24,7 @@ VIEWS = ("nocot", "cot", "coconut", "dummy")
 def stage_checkpoints(run_dir: Path, cfg) -> list[tuple[int, str]]:
     """(stage, tag) of the last epoch checkpoint of each stage, in stage order."""
     from mmcoconut.data.curriculum import stage_for_epoch
-    from mmcoconut.model.export import find_checkpoint
+    from mmcoconut.export.hf_export import find_checkpoint
 
     root, _ = find_checkpoint(str(run_dir), None)
     last: dict[int, tuple[int, str]] = {}
@@ -40,7 +40,7 @@ def stage_checkpoints(run_dir: Path, cfg) -> list[tuple[int, str]]:
 
 def evaluate_tag(run_dir: Path, tag: str, shards: str, views, stage, max_samples, batch_size) -> dict:
     from mmcoconut.eval.evaluate import evaluate
-    from mmcoconut.model.export import load_any
+    from mmcoconut.export.hf_export import load_any
 
     model, tok, improc, cfg, info = load_any(str(run_dir), tag=tag)
     print(f"\n== {info['checkpoint']} (stage {stage})", flush=True)
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from mmcoconut.model.export import load_any
+    from mmcoconut.export.hf_export import load_any
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import torch
 
     from mmcoconut.config import ConfigError
-    from mmcoconut.model.export import load_hf
+    from mmcoconut.export.hf_export import load_hf
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the export to this Hub repo")
     args, overrides = ap.parse_known_args(argv)
     from mmcoconut.config import ConfigError
-    from mmcoconut.hf.card import read_eval_results
-    from mmcoconut.model.export import find_eval_results, is_export, load_checkpoint, load_hf, save_hf, to_hf
+    from mmcoconut.modeling.card import read_eval_results
+    from mmcoconut.export.hf_export import find_eval_results, is_export, load_checkpoint, load_hf, save_hf, to_hf
 
     try:
         if is_export(args.ckpt):

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     from mmcoconut.eval.expected import expected_set
     from mmcoconut.eval.metrics import save_predictions
     from mmcoconut.eval.scoring import latent_summary, score_rows
-    from mmcoconut.model.export import load_any, to_hf
+    from mmcoconut.export.hf_export import load_any, to_hf
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     inp = Path(args.input)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model.plan import plan_batch
-from ..tokens import SpecialIds
+from ..modeling.pass_plan import plan_batch
+from ..modeling.tokens import SpecialIds
 from .curriculum import IGNORE
 
 
@@ -22,7 +22,7 @@ class Collator:
     rows: dicts with input_ids, labels (lists), n_latents, pixel_values [3,H,W], key.
     Rows are left-padded by (latest first-latent column - own first-latent column); rows without latents are
     not left-padded. Then everything is right-padded to the longest row. `latent_plan` is the host-side pass layout
-    (mmcoconut.model.plan.LatentPlan) that lets MMCoconut.forward run without device->host syncs; a batch that
+    (mmcoconut.modeling.pass_plan.LatentPlan) that lets MMCoconut.forward run without device->host syncs; a batch that
     cannot be planned (misaligned latents, uneven <image> counts) raises ValueError naming the sample keys.
     """
 

@@ -10,8 +10,8 @@ import random
 from typing import Optional
 
 from ..config import CurriculumConfig
-from ..prompt import answer_text, prompt_ids, question_text, view_latents
-from ..tokens import SpecialIds
+from ..modeling.prompt import answer_text, prompt_ids, question_text, view_latents
+from ..modeling.tokens import SpecialIds
 
 IGNORE = -100
 VIEWS = ("train", "cot", "nocot", "coconut", "dummy")

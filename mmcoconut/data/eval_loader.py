@@ -16,9 +16,8 @@ from webdataset import WebLoader
 
 from .collate import Collator, GenerationCollator
 from .curriculum import build_example, build_prompt
-
-from .pipeline import (RowBuilder, ShardReader, SkipCounter, _worker, expand_shards, ignore_stop_signals,
-                       shard_sizes)
+from .pipeline import RowBuilder, SkipCounter, _worker, ignore_stop_signals
+from .shardlist import ShardReader, expand_shards, shard_sizes
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ from webdataset.filters import shuffle as wds_shuffle
 
 from .collate import Collator
 from .curriculum import SharedStage, build_example, sample_rng
-
-from .pipeline import (MAX_CONSECUTIVE_FAILURES, SKIP_REASONS, FastClipPreprocess, RowBuilder,  # noqa: F401
-                       ShardReader, SkipCounter, _worker, expand_shards, ignore_stop_signals, shard_sizes)
+from .pipeline import MAX_CONSECUTIVE_FAILURES, SKIP_REASONS, RowBuilder, SkipCounter, _worker, ignore_stop_signals
+from .shardlist import ShardReader, expand_shards, shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -226,4 +225,3 @@ class StreamingLoader:
 # ---------------------------------------------------------------- evaluation
 
 
-from .eval_loader import EvalLoader  # noqa: E402,F401  (re-export)

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..tokens import SpecialIds
+from ..modeling.tokens import SpecialIds
 from .curriculum import NoStepsError, OverlongError
-from .shardlist import ShardReader, expand_shards, shard_sizes  # noqa: F401  (re-exported: shard specs and sizes)
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 1000  # a stream that only fails is an error, never a silent spin

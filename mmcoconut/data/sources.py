@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from PIL import Image
 
+from ..modeling.prompt import choices_suffix
 from . import synthetic
 
 AOKVQA_SPLITS = ("train", "val", "test")
@@ -109,7 +110,7 @@ def aokvqa_record(entry: dict) -> dict:
     """Official fields verbatim + the training view (question with enumerated choices, steps, answer)."""
     record = dict(entry)
     record["raw_question"] = entry["question"]
-    record["question"] = entry["question"] + synthetic.choices_suffix(entry["choices"])
+    record["question"] = entry["question"] + choices_suffix(entry["choices"])
     record["steps"] = list(entry.get("rationales") or [])
     record["answer"] = str(entry["correct_choice_idx"]) if "correct_choice_idx" in entry else ""
     record["source"] = "aokvqa"

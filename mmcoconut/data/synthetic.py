@@ -24,7 +24,7 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
-from ..prompt import choices_suffix  # noqa: F401 (sources.py and the generator use it from here)
+from ..modeling.prompt import choices_suffix
 
 COLOURS = {  # name -> RGB, chosen to stay distinguishable after JPEG and a 224 -> 32 px resize
     "red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60),

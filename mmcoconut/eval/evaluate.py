@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.curriculum import cot_markers
-from ..prompt import ANSWER_MARK, extract_answer  # noqa: F401 (re-exported: the answer format lives in prompt.py)
+from ..modeling.prompt import extract_answer
 from .expected import Expected, expected_set
 from .metrics import save_predictions
 from .scoring import format_table, latent_summary, latent_use_gap, score_rows, summary_line
@@ -70,7 +70,7 @@ def generate_view(model, tokenizer, image_processor, cfg, shards, view: str, n_l
     max_latent_stage). A row: question_id, key, meta (the shard json), text (decoded generation), answer,
     n_tokens, n_latents; a sample the loader could not build gives {"key", "skipped": reason}.
     """
-    from ..data.loader import EvalLoader
+    from ..data.eval_loader import EvalLoader
 
     loader = EvalLoader(shards, tokenizer, image_processor, cfg, view=view,
                         n_latents=n_latents if view in ("coconut", "dummy") else 0,

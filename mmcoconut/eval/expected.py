@@ -25,7 +25,7 @@ from typing import Optional
 
 from ..data.eval_loader import positioned_samples
 from ..data.shardlist import ShardReader
-from ..data.pipeline import expand_shards, shard_sizes
+from ..data.shardlist import expand_shards, shard_sizes
 
 _SHARD = re.compile(r"^(?P<split>.+)-\d{6}\.tar$")
 

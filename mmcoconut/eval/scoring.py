@@ -1,7 +1,7 @@
 """Score generated rows against the expected question set, and the reports printed from the scores.
 
 `score_rows(rows, expected)` is the one scoring path of `python -m mmcoconut.eval`, the trainer's per-epoch
-validation (both through `evaluate`) and `tools/predict.py`: official-format predictions, MC / DA over the whole
+validation (both through `evaluate`) and mmcoconut-predict: official-format predictions, MC / DA over the whole
 expected set (a question without a prediction scores 0, as in the official A-OKVQA scorer), the missing ones
 counted by reason, and empty answers (no text after the answer marker) counted apart from fuzzy fallbacks. An
 empty answer is predicted as "" (it scores 0) instead of being mapped to a choice by chance.
@@ -9,9 +9,9 @@ empty answer is predicted as "" (it scores 0) instead of being mapped to a choic
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-from .choices import map_to_choice
+from ..modeling.choices import map_to_choice
 from .expected import Expected
 from .metrics import evaluate_predictions
 
@@ -123,3 +123,23 @@ def latent_use_gap(results: dict) -> Optional[dict]:
         return None
     gap = {m: (c[m] - d[m] if c[m] is not None and d[m] is not None else None) for m in ("mc", "da")}
     return gap if gap["mc"] is not None or gap["da"] is not None else None
+
+
+def predictions_from_generations(records: Sequence[Mapping], texts: Sequence[str]) -> tuple[dict, int]:
+    """Official-format predictions ``{question_id: {"multiple_choice": c, "direct_answer": c}}`` from generated
+    texts (one per record, in order), and the number of answers that needed the fuzzy fallback.
+
+    ``records`` are shard/official dicts with ``question_id`` and ``choices``. DA uses the chosen choice's text
+    (our model answers with a choice index).
+    """
+    if len(records) != len(texts):
+        raise ValueError(f"predictions_from_generations: {len(records)} records but {len(texts)} texts")
+    preds, n_fallback = {}, 0
+    for rec, text in zip(records, texts):
+        qid, choices = rec.get("question_id"), rec.get("choices")
+        if qid is None or not choices:
+            raise ValueError(f"record {rec.get('question_id', '?')!r} lacks 'question_id' or 'choices'")
+        idx, fb = map_to_choice(text, choices)
+        n_fallback += int(fb)
+        preds[str(qid)] = {"multiple_choice": choices[idx], "direct_answer": choices[idx]}
+    return preds, n_fallback

@@ -3,7 +3,8 @@
 ``inject_embeddings(input_ids [B,T] int64, weight [V,D], sources [N,D], source_index [B,T] int64) -> [B,T,D]``
 row (b,t) = sources[source_index[b,t]] if source_index[b,t] >= 0 else weight[input_ids[b,t]].
 
-Registered as ``torch.ops.mmcoconut.inject_embeddings`` (fake implementation for torch.compile, autograd through
+Importing this package plugs the op into the model (``mmcoconut.modeling.inject.use_fused``). Registered as
+``torch.ops.mmcoconut.inject_embeddings`` (fake implementation for torch.compile, autograd through
 ``torch.ops.mmcoconut.inject_embeddings_backward``): it traces under ``torch.compile(fullgraph=True)`` and never
 reads device data on the host. Backend (env ``MMCOCONUT_INJECT``, read per call outside any traced code):
 ``auto`` (default) uses the C++/CUDA extension of the tensors' device when it builds, else a pure-PyTorch
@@ -20,10 +21,10 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from .build import load_extension, try_load_extension
-from .reference import check_index_range, inject_embeddings_reference, validate_inputs
+from ..modeling import inject as _model_inject
+from ..modeling.inject import check_index_range, inject_embeddings_reference, inject_embeddings_torch, validate_inputs
 
 __all__ = ["inject_embeddings", "inject_embeddings_reference", "backend_for", "deterministic_enabled",
            "debug_enabled", "set_debug"]
@@ -78,16 +79,7 @@ def backend_for(device) -> str:
     return "ref"
 
 
-# ------------------------------------------------------------------ pure-PyTorch implementation (no host reads)
-def _torch_forward(input_ids, weight, sources, source_index):
-    injected = (source_index >= 0).unsqueeze(-1)
-    out = F.embedding(input_ids.masked_fill(injected.squeeze(-1), 0), weight)
-    if sources.shape[0] == 0:
-        return out
-    picked = sources.index_select(0, source_index.clamp_min(0).reshape(-1)).view_as(out)
-    return torch.where(injected, picked, out)
-
-
+# ------------------------------------------------------------------ pure-PyTorch backward (no host reads)
 def _segment_sum(grad_rows, keys, num: int):
     """[num, D]: sum of grad_rows[r] over rows with keys[r] == k (keys == num: dropped), fp32 accumulation."""
     acc = torch.zeros((num + 1, grad_rows.shape[1]), dtype=torch.float32, device=grad_rows.device)
@@ -112,7 +104,7 @@ def _inject_op(input_ids: torch.Tensor, weight: torch.Tensor, sources: torch.Ten
                source_index: torch.Tensor) -> torch.Tensor:
     if backend_for(weight.device) == "ext":
         return load_extension(weight.device.type).forward(input_ids, weight, sources, source_index)
-    return _torch_forward(input_ids, weight, sources, source_index)
+    return inject_embeddings_torch(input_ids, weight, sources, source_index)
 
 
 @_inject_op.register_fake
@@ -165,3 +157,6 @@ def inject_embeddings(input_ids: torch.Tensor, weight: torch.Tensor, sources: to
     if _DEBUG:
         check_index_range(input_ids, source_index, weight.shape[0], sources.shape[0])
     return torch.ops.mmcoconut.inject_embeddings(input_ids, weight, sources, source_index)
+
+
+_model_inject.use_fused(inject_embeddings)  # the model's embedding function runs this op from now on

@@ -13,7 +13,7 @@ removed with a warning instead of being waited on forever. A first build prints 
 ("building X, first run only, ~N s"); waiting for another process's build prints one line too.
 
 Several ranks may call :func:`load_extension` at once. Results (module or build error) are cached per process.
-``python -m mmcoconut.kernels [cpu|cuda|all]`` builds ahead of time (``make install`` runs it).
+``python -m mmcoconut.cli.build_ops [cpu|cuda|all]`` builds ahead of time (``make install`` runs it).
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def try_load_extension(kind: str):
 
 
 def main(argv=None) -> int:
-    """Build ahead of time: `python -m mmcoconut.kernels [cpu|cuda|all]` (all: cpu, and cuda if possible)."""
+    """Build ahead of time: `python -m mmcoconut.cli.build_ops [cpu|cuda|all]` (all: cpu, and cuda if possible)."""
     which = (sys.argv[1:] if argv is None else argv) or ["all"]
     kinds = ["cpu", "cuda"] if which == ["all"] else which
     rc = 0

@@ -28,7 +28,7 @@ import mmcoconut
 from mmcoconut.config import ConfigError
 
 from . import drift
-from .index import INDEX, META, UNIVERSAL_SUFFIX, fix_latest, list_tags, prune, read_meta, write_meta  # noqa: F401
+from .index import UNIVERSAL_SUFFIX, fix_latest, list_tags, prune, read_meta, write_meta
 
 
 class TrainError(RuntimeError):
@@ -187,7 +187,7 @@ def plan_resume(cfg, world: int, zero_stage: int, micro: Optional[int] = None) -
     """Which checkpoint to load, decided before deepspeed.initialize (load_universal is a ds_config switch).
 
     checkpoint.resume: auto (newest complete, fresh start if none) | none | 0 (fresh) | N (end of epoch N) |
-    <tag> | universal[:<tag>] (the converted copy written by `python -m mmcoconut.train.universal`).
+    <tag> | universal[:<tag>] (the converted copy written by `python -m mmcoconut.cli.universal`).
     A checkpoint from another world size is loaded through its universal copy (automatically when it exists).
     """
     run_dir, r = Path(cfg.run_dir), cfg.checkpoint.resume
@@ -222,7 +222,7 @@ def plan_resume(cfg, world: int, zero_stage: int, micro: Optional[int] = None) -
         if not (conv / "zero").is_dir():
             raise ConfigError(
                 f"checkpoint {run_dir / tag} was saved by {meta['world_size']} process(es), this run has {world}: "
-                f"convert it once with `python -m mmcoconut.train.universal {run_dir} --tag {tag}`, then run "
+                f"convert it once with `python -m mmcoconut.cli.universal {run_dir} --tag {tag}`, then run "
                 "again (it is picked up automatically)")
         return ResumePlan(tag, True, meta, _check_drift(cfg, run_dir, tag, meta, None, world))
     return ResumePlan(tag, False, meta, _check_drift(cfg, run_dir, tag, meta, micro, world))

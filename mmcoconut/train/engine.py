@@ -16,7 +16,6 @@ from typing import Optional
 from mmcoconut.config import ConfigError, TrainConfig
 
 from . import ds_ops
-from .ds_ops import init_distributed  # noqa: F401  (python -m mmcoconut.train calls it)
 
 FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1}
@@ -133,6 +132,9 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError(f"ds_config {path}: fp16 and bf16 are both enabled; pick one (train.precision=...)")
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
+    if _zero_stage(ds) == 3 and cfg.model.latent_scale == "embedding":
+        raise ConfigError(f"model.latent_scale=embedding does not work with ZeRO-3 ({path}): the partitioned "
+                          "embedding table's row norms are not available; use ZeRO-0/1/2 or latent_scale=none")
     if t.compile and _zero_stage(ds) == 3:
         raise ConfigError(f"train.compile=true does not work with ZeRO-3 ({path}): its partitioned weights are "
                           "gathered by hooks that torch.compile cannot trace; use ZeRO-0/1/2")
@@ -202,13 +204,20 @@ def initialize(model, ds: dict, lr_scheduler_factory):
     import deepspeed
     import torch
 
+    from . import rank_agreement
+
     ds = dict(ds)
     opts = ds.pop(MMCOCONUT_KEY, {})
     if opts.get("compile"):
         model.enable_compile()  # train.compile: the per-pass LM calls under torch.compile
-    model.deferred_wgrad = opts.get("deferred_wgrad", TrainConfig.deferred_wgrad)  # model/wgrad.py
+    model.deferred_wgrad = opts.get("deferred_wgrad", TrainConfig.deferred_wgrad)  # modeling/wgrad.py
+    zero3 = _zero_stage(ds) == 3
+    rank_agreement.install(model, stop_together=zero3)
+    if zero3:  # deferred weight gradients and the half-precision frozen tower need whole weights
+        model.deferred_wgrad = False
+        model.vision_half_on_cuda = False
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision_of(ds))
-    if _zero_stage(ds) == 3 and half is not None:
+    if zero3 and half is not None:
         # ZeRO-3 casts only what HfDeepSpeedConfig/zero.Init built (from_pretrained parts); modules created
         # outside it (projector) stay fp32 and break its single-dtype partitions: cast them here.
         for p in model.parameters():
@@ -223,7 +232,35 @@ def initialize(model, ds: dict, lr_scheduler_factory):
     ds_ops.prepare(ds)  # DeepSpeed's ops: no silent compile inside deepspeed.initialize
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
                                            lr_scheduler=lr_scheduler_factory)
+    if zero3:
+        _gather_embedding_table(model)
     return engine
+
+
+def _gather_embedding_table(model) -> None:
+    """ZeRO-3 partitions the embedding table, which the model reads outside the table's own forward (the fused
+    injection): register it as an external parameter of the model (before the first forward), so DeepSpeed gathers
+    it for every forward and backward, and gather it by hand when generation reads it outside a forward (all ranks
+    make the same calls)."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    deepspeed.zero.register_external_parameter(model, model.lm.get_input_embeddings().weight)
+
+    def gather_if_released(param) -> None:
+        if getattr(param, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE:
+            param.all_gather()
+
+    model.gather_param = gather_if_released
+
+
+def zero3_param_editor(ds: dict):
+    """For build_model under ZeRO-3: a context in which partitioned weights are whole and rank 0's edit is kept."""
+    if _zero_stage(ds) != 3:
+        return None
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def loss_scale(engine) -> Optional[float]:

@@ -33,7 +33,7 @@ from mmcoconut.config import ConfigError
 from ..data.curriculum import stage_for_epoch
 from . import checkpoint as ckpt
 from .checkpoint import TrainError
-from .engine import hf_zero3_context, initialize, loss_scale, reset_optimizer_state
+from .engine import hf_zero3_context, initialize, loss_scale, reset_optimizer_state, zero3_param_editor
 from .nonfinite import HOST, finish_window, prepare_ds_config, skip_mode
 from .schedule import make_scheduler_factory
 from .signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_STOPPED, Stopped, stop_request
@@ -125,7 +125,7 @@ def train(cfg, ds: dict, plan, rank: int, world: int) -> dict:
 
 def _train(cfg, ds, plan, rank, world) -> dict:
     from mmcoconut.data.loader import StreamingLoader
-    from mmcoconut.model import build_image_processor, build_model, build_tokenizer
+    from mmcoconut.factory import build_image_processor, build_model, build_tokenizer
 
     t = cfg.train
     random.seed(t.seed)
@@ -133,9 +133,9 @@ def _train(cfg, ds, plan, rank, world) -> dict:
     torch.manual_seed(t.seed)
     hf_ds = hf_zero3_context(ds)  # noqa: F841  (ZeRO-3: must be alive while the model is built)
     tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(cfg.model, tokenizer, edit_params=zero3_param_editor(ds))
     if cfg.model.init_from and plan is None:  # seed: load_model_path (a resumed run has its checkpoint's weights)
-        from mmcoconut.model.init_from import load_init_weights
+        from mmcoconut.export.init_from import load_init_weights
         load_init_weights(model, cfg.model.init_from, rank)
     processor = build_image_processor(cfg.model)
 
@@ -167,7 +167,7 @@ def _train(cfg, ds, plan, rank, world) -> dict:
     finally:
         tracker.close()
     if cfg.checkpoint.export_final:  # Hugging Face dir from the live engine (every rank gathers, rank 0 writes)
-        from mmcoconut.model.export import export_engine
+        from mmcoconut.export.hf_export import export_engine
         export_engine(engine, cfg, state, tokenizer, processor, rank)
     return state.state_dict()
 
@@ -328,7 +328,7 @@ def _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world, ac
     """Val loss (token-weighted, valid rows only) on up to eval.val_samples, then (`accuracy`) MC/DA accuracy by
     generation in the view matching training (ZeRO-1/2 only: ZeRO-3 would need equal forward counts per rank).
     Samples the val loader skipped are reported per reason (`skipped_<reason>`, all ranks)."""
-    from mmcoconut.data.loader import EvalLoader
+    from mmcoconut.data.eval_loader import EvalLoader
     from mmcoconut.data.pipeline import SKIP_REASONS
 
     model, c = engine.module, cfg.curriculum

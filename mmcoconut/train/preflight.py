@@ -80,7 +80,7 @@ def _json_specs(cfg) -> None:
 
 
 def _expand(spec: str, key: str) -> list[str]:
-    from mmcoconut.data.pipeline import expand_shards
+    from mmcoconut.data.shardlist import expand_shards
 
     if not spec:
         raise ConfigError(f"{key} is empty: give a shard dir, dir/<split>, a brace pattern or a '::' list "
@@ -94,7 +94,7 @@ def _expand(spec: str, key: str) -> list[str]:
 def _sizes(urls: list[str], key: str, count_missing: bool = False) -> list[int]:
     import tarfile
 
-    from mmcoconut.data.pipeline import shard_sizes
+    from mmcoconut.data.shardlist import shard_sizes
 
     try:
         return shard_sizes(urls, count_missing=count_missing)

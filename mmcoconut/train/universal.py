@@ -1,6 +1,6 @@
 """Convert a run's checkpoint to a DeepSpeed universal checkpoint, so it resumes on another number of ranks.
 
-    python -m mmcoconut.train.universal RUN_DIR [--tag TAG]
+    python -m mmcoconut.cli.universal RUN_DIR [--tag TAG]
 
 Writes RUN_DIR/<TAG>_universal (DeepSpeed's ds_to_universal; ZeRO-1/2 with --inject_missing_state) into a temp
 dir renamed when complete, holding the run-dir lock (refused while a training run uses the dir). Then run
@@ -10,7 +10,6 @@ ds_configs/zero2_1gpu.json): `resume: auto` sees the world-size change and loads
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -57,16 +56,3 @@ def _convert(run_dir: str, tag: str | None = None) -> Path:
           f"({run}) and a ZeRO-{meta['zero_stage']} ds_config for that world size; "
           f"checkpoint.resume=auto picks it up (or --checkpoint.resume=universal:{tag}).")
     return out
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir")
-    ap.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
-    args = ap.parse_args(argv)
-    convert(args.run_dir, args.tag)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,16 +12,13 @@ optional leading ``"###"`` (the answer marker of our sequences) removed:
 5. fallback (``used_fallback=True``): the choice with the highest
    ``difflib.SequenceMatcher(None, text.lower(), choice.lower()).ratio()``, ties -> lowest index.
    Empty text -> index 0 with fallback. An out-of-range index (``"7"`` with 4 choices) is matched as text.
-
-Our model answers with a choice index, so ``predictions_from_generations`` uses the chosen choice's text both
-as the multiple-choice prediction and as the direct answer (official prediction format).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Mapping, Sequence
+from typing import Sequence
 
 _INT = re.compile(r"[+-]?\d+")
 _FIRST_INT = re.compile(r"(\d+)(?:\s*[:)]|\.(?!\d)|\s)")  # "2: x", "2) x", "2. x", "2 x" (not "2.5")
@@ -64,23 +61,3 @@ def map_to_choice(text: str, choices: Sequence[str]) -> tuple[int, bool]:
         if r > best_r:                                             # strict '>' keeps the lowest index on ties
             best, best_r = i, r
     return best, True
-
-
-def predictions_from_generations(records: Sequence[Mapping], texts: Sequence[str]) -> tuple[dict, int]:
-    """Official-format predictions ``{question_id: {"multiple_choice": c, "direct_answer": c}}`` from generated
-    texts (one per record, in order), and the number of answers that needed the fuzzy fallback.
-
-    ``records`` are shard/official dicts with ``question_id`` and ``choices``. DA uses the chosen choice's text
-    (our model answers with a choice index).
-    """
-    if len(records) != len(texts):
-        raise ValueError(f"predictions_from_generations: {len(records)} records but {len(texts)} texts")
-    preds, n_fallback = {}, 0
-    for rec, text in zip(records, texts):
-        qid, choices = rec.get("question_id"), rec.get("choices")
-        if qid is None or not choices:
-            raise ValueError(f"record {rec.get('question_id', '?')!r} lacks 'question_id' or 'choices'")
-        idx, fb = map_to_choice(text, choices)
-        n_fallback += int(fb)
-        preds[str(qid)] = {"multiple_choice": choices[idx], "direct_answer": choices[idx]}
-    return preds, n_fallback

@@ -1,6 +1,14 @@
-"""Pure-PyTorch reference of the embedding-injection op (autograd-native, any device and float dtype)."""
+"""Embedding injection: row (b,t) = sources[source_index[b,t]] if source_index[b,t] >= 0 else weight[input_ids[b,t]].
+
+`inject_embeddings` is what the model calls: the fused op (C++/CUDA, a torch.library custom op) once
+`mmcoconut.kernels` has plugged it in with :func:`use_fused` (the trainer, evaluation and the CLIs import it),
+else the pure-PyTorch implementation below (plain autograd ops, no host reads; what an export runs where
+mmcoconut is not installed). `inject_embeddings_reference` adds the range checks: the test oracle.
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +57,35 @@ def inject_embeddings_reference(input_ids: torch.Tensor, weight: torch.Tensor, s
                                 source_index: torch.Tensor) -> torch.Tensor:
     """row (b,t) = sources[source_index[b,t]] if source_index[b,t] >= 0 else weight[input_ids[b,t]].
 
-    Plain autograd ops (the test oracle); no host reads except the range check (a sync on GPUs)."""
+    Plain autograd ops with metadata and range checks (the test oracle; the range check is a sync on GPUs)."""
     validate_inputs(input_ids, weight, sources, source_index)
     check_index_range(input_ids, source_index, weight.shape[0], sources.shape[0])
+    return inject_embeddings_torch(input_ids, weight, sources, source_index)
+
+
+def inject_embeddings_torch(input_ids: torch.Tensor, weight: torch.Tensor, sources: torch.Tensor,
+                            source_index: torch.Tensor) -> torch.Tensor:
+    """The same rows in plain autograd ops, without checks or host reads (any device and float dtype)."""
     injected = source_index >= 0
-    # Token ids at injected positions are never read (row 0 gets an exactly-zero gradient there).
     tokens = F.embedding(input_ids.masked_fill(injected, 0), weight)
-    if sources.shape[0] == 0:
+    if sources.shape[0] == 0:  # nothing to inject (decoding steps)
         return tokens
     picked = sources.index_select(0, source_index.clamp_min(0).reshape(-1)).view_as(tokens)
     return torch.where(injected.unsqueeze(-1), picked, tokens)
+
+
+_fused: Optional[Callable] = None
+
+
+def use_fused(op: Optional[Callable]) -> None:
+    """Route :func:`inject_embeddings` through `op` (mmcoconut.kernels does this on import); None: back to torch."""
+    global _fused
+    _fused = op
+
+
+def inject_embeddings(input_ids: torch.Tensor, weight: torch.Tensor, sources: torch.Tensor,
+                      source_index: torch.Tensor) -> torch.Tensor:
+    """The model's embedding function: the fused op when plugged in, else :func:`inject_embeddings_torch`."""
+    if _fused is not None:
+        return _fused(input_ids, weight, sources, source_index)
+    return inject_embeddings_torch(input_ids, weight, sources, source_index)

@@ -1,6 +1,6 @@
 """MMCoconutForConditionalGeneration: a Hugging Face PreTrainedModel around mmcoconut's MMCoconut.
 
-Shipped inside every export (see bundle.py): `AutoModel.from_pretrained(export, trust_remote_code=True)`.
+Shipped inside every export (shipped.py): `AutoModel.from_pretrained(export, trust_remote_code=True)`.
 The wrapped `self.model` is the training model itself (same forward, same KV-cached latent generation), so an export
 computes exactly what the checkpoint computed. `save_pretrained` writes one self-contained directory: config.json
 (with auto_map), model.safetensors (every weight, the vision tower included), the tokenizer, the image processor,
@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 from transformers import CLIPVisionModel, GPT2LMHeadModel, PreTrainedModel
 
-from ..model.latent import MMCoconut
-from ..model.projector import build_projector
-from ..tokens import SpecialIds
-from .bundle import write_code
+from .latent import MMCoconut
+from .projector import build_projector
+from .tokens import SpecialIds
+from .shipped import write_code
 from .card import write_model_card
 from .configuration_mmcoconut import MMCoconutConfig
 from .processing_mmcoconut import MMCoconutProcessor

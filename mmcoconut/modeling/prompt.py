@@ -44,7 +44,7 @@ def view_latents(view: str, n_latents: int, cot_markers: bool) -> Optional[int]:
 
 def prompt_ids(question_ids: list[int], ids, n_image_tokens: int, n_latents: Optional[int]) -> list[int]:
     """`[<image>] * n_image_tokens + question_ids`, then `START + LATENT * n_latents + END` unless n_latents is
-    None. `ids`: mmcoconut.tokens.SpecialIds."""
+    None. `ids`: mmcoconut.modeling.tokens.SpecialIds."""
     out = [ids.image] * n_image_tokens + list(question_ids)
     if n_latents is not None:
         out += [ids.start] + [ids.latent] * n_latents + [ids.end]

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from .ds_checkpoint import checkpoint_config, consolidated_state_dict, find_checkpoint, load_checkpoint
 
@@ -48,7 +47,7 @@ def portable(value, key: str = ""):
 def hf_config(model, cfg, eval_results: Optional[dict] = None):
     """MMCoconutConfig describing a built MMCoconut trained with run config `cfg`."""
     import mmcoconut
-    from mmcoconut.hf import MMCoconutConfig
+    from mmcoconut.modeling import MMCoconutConfig
 
     text, vision = model.lm.config.to_dict(), model.vision.config.to_dict()
     text["dtype"] = vision["dtype"] = "float32"  # exports hold fp32 weights whatever the training precision
@@ -67,7 +66,7 @@ def hf_config(model, cfg, eval_results: Optional[dict] = None):
 
 def to_hf(model, tokenizer, image_processor, cfg, eval_results: Optional[dict] = None):
     """The Hugging Face model (and processor) around a built MMCoconut; shares its weights."""
-    from mmcoconut.hf import MMCoconutForConditionalGeneration, MMCoconutProcessor
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration, MMCoconutProcessor
 
     config = hf_config(model, cfg, eval_results)
     proc = MMCoconutProcessor.from_config(config, image_processor, tokenizer)
@@ -97,7 +96,7 @@ def save_hf(hf, out_dir) -> Path:
 def save_export(model, tokenizer, cfg, out_dir, image_processor=None, eval_results: Optional[dict] = None) -> Path:
     """Write the export described in the module docstring; returns the output dir."""
     if image_processor is None:
-        from . import build_image_processor
+        from ..factory import build_image_processor
         image_processor = build_image_processor(cfg.model)
     return save_hf(to_hf(model, tokenizer, image_processor, cfg, eval_results), out_dir)
 
@@ -119,7 +118,7 @@ def _check_export(d: Path) -> None:
         raise FileNotFoundError(f"{d}: an export in the old layout (lm/, projector.safetensors); export the "
                                 "checkpoint again with mmcoconut-export CKPT OUT")
     raise FileNotFoundError(f"{d}: not an mmcoconut export (no config.json with model_type 'mmcoconut'); make one "
-                            "with mmcoconut-export CKPT OUT (tools/export_hf.py)")
+                            "with mmcoconut-export CKPT OUT ")
 
 
 def _run_config(hf_cfg, export_dir: Path):
@@ -143,7 +142,7 @@ def _run_config(hf_cfg, export_dir: Path):
 
 def load_hf(path, tag: Optional[str] = None, overrides: Optional[list[str]] = None, device="cpu"):
     """MMCoconutForConditionalGeneration (with its processor) from an export dir or a DeepSpeed checkpoint."""
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
 
     if is_export(path):
         hf = MMCoconutForConditionalGeneration.from_pretrained(str(path))
@@ -211,7 +210,7 @@ def export_engine(engine, cfg, state, tokenizer, image_processor, rank: int, out
     sd = full_state_dict(engine.module, rank)
     if rank != 0:
         return None
-    from mmcoconut.hf import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration
 
     config = hf_config(engine.module, cfg)
     hf = MMCoconutForConditionalGeneration(config)  # fresh CPU copy in fp32, then the trained weights
@@ -219,7 +218,7 @@ def export_engine(engine, cfg, state, tokenizer, image_processor, rank: int, out
     if [k for k in missing if k not in TIED] or unexpected:
         raise RuntimeError(f"export: engine weights do not match the model (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
-    from mmcoconut.hf import MMCoconutProcessor
+    from mmcoconut.modeling import MMCoconutProcessor
     hf.processor = MMCoconutProcessor.from_config(config, image_processor, tokenizer)
     out = save_hf(hf, out_dir or Path(cfg.run_dir) / "export")
     n = sum(p.numel() for p in hf.parameters())
@@ -231,7 +230,7 @@ def export_engine(engine, cfg, state, tokenizer, image_processor, rank: int, out
 # ------------------------------------------------------------------------------------ evaluation results
 def find_eval_results(checkpoint: str, run_dir: Optional[str] = None) -> Optional[dict]:
     """The eval_results.json (mmcoconut.eval) written for exactly this checkpoint tag dir, if any."""
-    from mmcoconut.hf.card import read_eval_results
+    from mmcoconut.modeling.card import read_eval_results
 
     target = Path(checkpoint).resolve()
     roots = {target.parent} | ({Path(run_dir)} if run_dir else set())

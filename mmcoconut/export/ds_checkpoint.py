@@ -117,7 +117,7 @@ def load_checkpoint(path, tag: Optional[str] = None, overrides: Optional[list[st
     weights `build_model` loaded from cfg.model.vision_id; anything else missing is an error.
     """
     from ..config import load_config
-    from . import build_image_processor, build_model, build_tokenizer
+    from ..factory import build_image_processor, build_model, build_tokenizer
 
     root, tag = find_checkpoint(path, tag)
     cfg_dict, states = checkpoint_config(root, tag)

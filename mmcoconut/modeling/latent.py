@@ -1,8 +1,9 @@
 """MMCoconut: GPT-2 reading CLIP image tokens and thinking in continuous latent tokens (Coconut).
 
 Multi-pass forward with a KV cache (Coconut semantics). The loader aligns rows so latent j of every row sits at
-column L0 + j. With n = max latents in the batch (MAX over ranks when torch.distributed is initialized, so every
-rank makes the same number of LM calls, required under ZeRO-3), the LM runs n + 1 times:
+column L0 + j. With n = max latents in the batch (MAX over ranks through `agree_pass_count`, which a multi-rank
+engine installs so that every rank makes the same number of LM calls, as sharded weights require), the LM runs
+n + 1 times:
 
     pass 0          columns [0, L0)                      image tokens spliced in from the projector
     pass i (1..n-1) column  L0 + i - 1 (latent i - 1)    filled with the last hidden state of column L0 + i - 2
@@ -13,15 +14,15 @@ more than j latents; other rows keep their ordinary token embedding there. Every
 previous ones, so each column is computed once. A batch without latents while n > 0 (another rank has some) is split
 at T - n the same way. Gradients flow through the latent chain (nothing is detached).
 
-Hot path (GPU-ready): the pass layout comes from the host (`latent_plan`, made by the Collator; see plan.py), so
-`forward` with a plan reads no device data. All token columns are embedded once per micro-batch through
-`mmcoconut.kernels.inject_embeddings` (one [V, D] weight gradient; image features injected there); each later pass
+Hot path (GPU-ready): the pass layout comes from the host (`latent_plan`, made by the Collator; see pass_plan.py),
+so `forward` with a plan reads no device data. All token columns are embedded once per micro-batch through
+`inject.inject_embeddings` (one [V, D] weight gradient; image features injected there); each later pass
 only writes its latent rows into its slice (torch.where). The KV cache is static (kvcache.py): preallocated
 buffers written in place; activation memory per pass = its own columns' activations plus no K/V copies.
 `enable_compile` compiles the per-pass LM call (torch.compile; CUDA graphs for the one-column passes). In eager
 training the Conv1D weight gradients of all passes are summed in place into one buffer per weight (wgrad.py;
 `deferred_wgrad`, train.deferred_wgrad): one weight gradient per micro-batch, as for the embedding table.
-The cross-rank pass count is agreed on CPU data (gloo), one small collective per micro-batch, no device sync.
+Nothing here knows a distributed engine: the engine installs `agree_pass_count`, `agree_stop` and `gather_param`.
 """
 from __future__ import annotations
 
@@ -29,27 +30,19 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tokens import SpecialIds
+from .tokens import SpecialIds
+from .inject import inject_embeddings
 from .kvcache import StaticKV, install as install_kv_hook
-from .plan import LatentPlan, Layout, plan_batch
+from .pass_plan import LatentPlan, Layout, plan_batch
 from .vision import encode_images
 from .wgrad import conv1d_modules, deferred_weight_grads
 
-try:
-    from ..kernels import inject_embeddings
-except ImportError:  # the kernels package is optional at import time; same semantics, plain autograd
-    def inject_embeddings(input_ids, weight, sources, source_index):
-        emb = F.embedding(input_ids.masked_fill(source_index >= 0, 0), weight)
-        if sources.shape[0] == 0:  # nothing to inject (decoding steps)
-            return emb
-        picked = sources.index_select(0, source_index.clamp_min(0).flatten()).view_as(emb)
-        return torch.where((source_index >= 0).unsqueeze(-1), picked, emb)
 
 IGNORE = -100
 DUMMY_MODES = (None, "zeros", "random")
@@ -75,29 +68,10 @@ class _State:
     n_passes: int
 
 
-_GLOO_GROUP = None
-
-
-def _agree_passes(m_local: int) -> int:
-    """MAX of m_local over ranks, on CPU data: the default group when it is gloo, else a gloo side group created
-    once (a NCCL all_reduce would need a device tensor and a device->host read). No device sync."""
-    global _GLOO_GROUP
-    d = torch.distributed
-    if not (d.is_available() and d.is_initialized()) or d.get_world_size() == 1:
-        return m_local
-    group = None
-    if d.get_backend() != "gloo":
-        if _GLOO_GROUP is None:
-            _GLOO_GROUP = d.new_group(backend="gloo")
-        group = _GLOO_GROUP
-    t = torch.tensor([m_local], dtype=torch.long)
-    d.all_reduce(t, op=d.ReduceOp.MAX, group=group)
-    return int(t[0])
-
-
 class MMCoconut(nn.Module):
     def __init__(self, lm, vision, projector, ids: SpecialIds, n_image_tokens: int, image_tokens: str = "pooled",
-                 vision_layer: int = -2, freeze_vision: bool = True, latent_scale: str = "none"):
+                 vision_layer: int = -2, freeze_vision: bool = True, latent_scale: str = "none",
+                 deferred_wgrad: bool = True):
         super().__init__()
         if latent_scale not in LATENT_SCALES:
             raise ValueError(f"latent_scale must be one of {LATENT_SCALES}, got {latent_scale!r}")
@@ -105,14 +79,17 @@ class MMCoconut(nn.Module):
         self.lm, self.vision, self.projector = lm, vision, projector
         self.ids, self.n_image_tokens = ids, n_image_tokens
         self.image_tokens, self.vision_layer, self.freeze_vision = image_tokens, vision_layer, freeze_vision
-        self._zero3_registered = False
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.transformer.forward).parameters \
             else "past_key_values"
         self._compiled: dict = {}  # enable_compile: "multi"/"one" -> compiled per-pass LM call
-        self.deferred_wgrad = True  # eager multi-pass training: one in-place weight-gradient buffer (wgrad.py)
+        self.deferred_wgrad = deferred_wgrad  # eager multi-pass training: one in-place weight-gradient buffer
         self._conv1d = conv1d_modules(lm)
         install_kv_hook(lm)
-        self._maybe_register_zero3()
+        # Set by a training engine that runs several ranks (mmcoconut.train); None: one process, nothing to agree.
+        self.agree_pass_count: Optional[Callable[[int], int]] = None  # MAX of a local pass count over the ranks
+        self.agree_stop: Optional[Callable[[bool], bool]] = None  # generation: True once every rank is done
+        self.gather_param: Optional[Callable[[nn.Parameter], None]] = None  # sharded weight read outside its module
+        self.vision_half_on_cuda = True  # a frozen tower moved to CUDA runs in half precision (off for sharded)
 
     # ------------------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True):
@@ -123,37 +100,20 @@ class MMCoconut(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        # Frozen tower on CUDA runs in half precision (the seed's behaviour). Not for ZeRO-3 partitioned params.
+        # Frozen tower on CUDA runs in half precision (the seed's behaviour); not for sharded parameters.
         p = next(self.vision.parameters(), None)
-        if (self.freeze_vision and p is not None and p.is_cuda and p.dtype == torch.float32
-                and not hasattr(p, "ds_id")):
+        if (self.freeze_vision and self.vision_half_on_cuda and p is not None and p.is_cuda
+                and p.dtype == torch.float32):
             self.vision.half()
         return self
 
     # --------------------------------------------------------------------------------------- embeddings
-    def _maybe_register_zero3(self, in_forward: bool = False) -> None:
-        """ZeRO-3 partitions wte.weight, which `_embed` reads outside wte's forward: register it as an external
-        parameter of this module so DeepSpeed gathers it for our forward/backward. Done at construction (model
-        built under zero.Init / HfDeepSpeedConfig) or at the first forward after deepspeed.initialize partitioned
-        it; in the latter case it is gathered once by hand, as DeepSpeed's own parameter getter does. `generate`
-        is not a forward call, so `_embed` also gathers the weight whenever it finds it released (no grad there;
-        all ranks make the same calls because pass counts and stopping are synchronised)."""
-        w = self.lm.transformer.wte.weight
-        if self._zero3_registered or not hasattr(w, "ds_id"):
-            return
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-        deepspeed.zero.register_external_parameter(self, w)
-        self._zero3_registered = True
-        if in_forward and w.ds_status == ZeroParamStatus.NOT_AVAILABLE:
-            w.all_gather()  # this forward's pre-hook ran before the registration
-
     def _embed(self, input_ids: torch.Tensor, sources: Optional[torch.Tensor],
                source_index: Optional[torch.Tensor]) -> torch.Tensor:
         """THE input-embedding function: row = sources[idx] if idx >= 0 else wte[id] (mmcoconut.kernels op)."""
         w = self.lm.transformer.wte.weight
-        if getattr(w, "ds_status", None) is not None and w.ds_status.name == "NOT_AVAILABLE":
-            w.all_gather()  # ZeRO-3 outside our forward (generate): gather it as DeepSpeed's getter would
+        if self.gather_param is not None:  # a sharded table read here, outside its module's forward
+            self.gather_param(w)
         if sources is None or source_index is None:
             sources = w.new_zeros((0, w.shape[1]))
             source_index = torch.full_like(input_ids, -1)
@@ -215,9 +175,6 @@ class MMCoconut(nn.Module):
         if self.latent_scale == "none":
             return out
         w = self.lm.transformer.wte.weight
-        if getattr(w, "ds_id", None) is not None:
-            raise ValueError("model.latent_scale=embedding is not supported with ZeRO-3 (partitioned wte); "
-                             "use ZeRO stage 0-2 or latent_scale=none")
         target = w.detach().float().norm(dim=-1).mean()
         return (out.float() * (target / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))).to(out.dtype)
 
@@ -266,9 +223,8 @@ class MMCoconut(nn.Module):
         if self.lm.transformer.gradient_checkpointing and self.training:
             raise ValueError("MMCoconut's KV-cached multi-pass forward is incompatible with HF gradient "
                              "checkpointing (it drops the cache); disable it")
-        self._maybe_register_zero3(in_forward=True)
         plan = self._resolve_plan(input_ids, plan, pixel_values)
-        n = _agree_passes(plan.m_local) if sync else plan.m_local
+        n = self.agree_pass_count(plan.m_local) if sync and self.agree_pass_count else plan.m_local
         lay = plan.layout(n)
         if self._compiled and lay.Tp % COMPILE_BUCKET:  # bucketed buffer length: the last pass grows
             lay = _grow(lay, -lay.Tp % COMPILE_BUCKET)
@@ -309,9 +265,8 @@ class MMCoconut(nn.Module):
 
     def _wgrad_context(self, multi: bool):
         """Deferred Conv1D weight gradients (wgrad.py) for a multi-pass forward that will be back-propagated;
-        not under torch.compile (enable_compile) nor ZeRO-3 (partitioned weights)."""
-        on = (multi and self.deferred_wgrad and torch.is_grad_enabled() and not self._compiled
-              and not hasattr(self.lm.transformer.wte.weight, "ds_id"))
+        not under torch.compile (enable_compile). An engine with sharded weights turns `deferred_wgrad` off."""
+        on = multi and self.deferred_wgrad and torch.is_grad_enabled() and not self._compiled
         return deferred_weight_grads(self._conv1d) if on else contextlib.nullcontext()
 
     def _output(self, hidden, labels, n_passes) -> MMCoconutOutput:
@@ -341,7 +296,6 @@ class MMCoconut(nn.Module):
         the first special_prefix columns hold <image>/<latent> tokens (generated tokens are plain)."""
         if dummy_latent not in DUMMY_MODES:
             raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy_latent!r}")
-        self._maybe_register_zero3(in_forward=True)
         plan = self._resolve_plan(input_ids, None, pixel_values, prefix=special_prefix or input_ids.shape[1])
         n = plan.m_local
         lay = plan.layout(n)
@@ -370,7 +324,7 @@ class MMCoconut(nn.Module):
     # ------------------------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask, pixel_values=None, position_ids=None, max_new_tokens: int = 64,
                  dummy_latent: Optional[str] = None) -> list[list[int]]:
-        """Greedy KV-cached generation (see mmcoconut.model.generate); new tokens per row, EOS excluded."""
+        """Greedy KV-cached generation (see mmcoconut.modeling.generate); new tokens per row, EOS excluded."""
         from .generate import generate
         return generate(self, input_ids, attention_mask, pixel_values, position_ids=position_ids,
                         max_new_tokens=max_new_tokens, dummy_latent=dummy_latent)

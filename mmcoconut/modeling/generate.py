@@ -9,8 +9,9 @@ from its last real column, then tokens are decoded one at a time from the cache 
 are never attended to, and positions continue from the row's last real position, so a row's tokens equal
 its one-by-one generation).
 Per-row stopping: a row that emitted EOS keeps feeding the pad token with attention mask 0 (it influences nothing)
-until all rows are done or max_new_tokens is reached. Under ZeRO-3 with several ranks the "stop" decision is
-all-reduced so ranks make the same number of LM calls (the prompt's pass count is synchronised by _multipass).
+until all rows are done or max_new_tokens is reached. With sharded weights (the engine installs `model.agree_stop`)
+the "stop" decision is agreed so ranks make the same number of LM calls (and the prompt's pass count through
+`model.agree_pass_count`).
 Generation also stops before positions would exceed the LM's n_positions.
 """
 from __future__ import annotations
@@ -33,22 +34,9 @@ def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
     return last
 
 
-def _zero3_sync(model) -> bool:
-    """ZeRO-3 with several ranks: every rank must make the same LM calls (weights are gathered collectively)."""
-    d = torch.distributed
-    return (hasattr(model.lm.transformer.wte.weight, "ds_id") and d.is_available() and d.is_initialized()
-            and d.get_world_size() > 1)
-
-
-def _all_stop(stop: bool, sync: bool, device) -> bool:
-    """True when this rank (and, under ZeRO-3, every rank) is done."""
-    if not sync:
-        return stop
-    d = torch.distributed
-    dev = device if d.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([0 if stop else 1], device=dev)
-    d.all_reduce(t, op=d.ReduceOp.MAX)
-    return int(t.item()) == 0
+def _all_stop(model, stop: bool) -> bool:
+    """True when this rank (and, with an engine that shards weights, every rank) is done."""
+    return model.agree_stop(stop) if model.agree_stop is not None else stop
 
 
 def _budget(model, last_pos: torch.Tensor, max_new_tokens: int) -> int:
@@ -80,7 +68,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel
     rows = torch.arange(B, device=input_ids.device)
     last_pos = position_ids[rows, last]
     steps = _budget(model, last_pos, max_new_tokens)
-    sync = _zero3_sync(model)
+    sync = model.agree_stop is not None
     if B == 0 or (steps == 0 and not sync):
         return [[] for _ in range(B)]
     st = model._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent)
@@ -91,11 +79,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens, step, nxt = [], 0, torch.full((B,), eos, dtype=torch.long, device=input_ids.device)
     while True:
-        if step < steps:  # (under ZeRO-3 a rank past its own budget keeps stepping, recording nothing)
+        if step < steps:  # (when ranks agree on stopping, a rank past its own budget keeps stepping, recording nothing)
             nxt = logits.argmax(-1).masked_fill(done, eos)  # finished rows record EOS (dropped in _finish)
             tokens.append(nxt)
             done = done | (nxt == eos)
-        if _all_stop(step + 1 >= steps or bool(done.all()), sync, input_ids.device):
+        if _all_stop(model, step + 1 >= steps or bool(done.all())):
             break
         feed = nxt.masked_fill(done, pad)[:, None]
         mask = torch.cat([mask, (~done).long()[:, None]], 1)

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
-from ..eval.choices import map_to_choice
-from ..prompt import extract_answer, extract_rationale, prompt_ids, question_text, view_latents
-from ..tokens import SpecialIds
+from .choices import map_to_choice
+from .prompt import extract_answer, extract_rationale, prompt_ids, question_text, view_latents
+from .tokens import SpecialIds
 
 
 def load_image(image):

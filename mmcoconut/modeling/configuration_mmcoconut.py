@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers import CLIPVisionConfig, GPT2Config, PretrainedConfig
 
-from ..model.vision import num_image_tokens
+from .vision import num_image_tokens
 
 SPECIAL_ID_NAMES = ("image", "start", "latent", "end", "pad", "eos")
 

@@ -19,7 +19,8 @@ LM_ONLY_PREFIXES = ("transformer.", "lm_head.")
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """fp32 CPU tensors keyed like MMCoconut.state_dict() (or like a GPT-2's, for an LM-only file)."""
-    from .export import consolidated_state_dict, find_checkpoint, is_export
+    from .ds_checkpoint import consolidated_state_dict, find_checkpoint
+    from .hf_export import is_export
 
     p = Path(path)
     if is_export(p):

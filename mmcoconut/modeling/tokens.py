@@ -39,6 +39,6 @@ class SpecialIds:
             raise ValueError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} lacks special tokens {missing or ''}"
                 f"{' pad' if tokenizer.pad_token_id is None else ''}{' eos' if tokenizer.eos_token_id is None else ''}; "
-                "call mmcoconut.tokens.add_special_tokens(tokenizer) and resize the model's embeddings")
+                "call mmcoconut.modeling.tokens.add_special_tokens(tokenizer) and resize the model's embeddings")
         return cls(image=vocab[IMAGE], start=vocab[START_LATENT], latent=vocab[LATENT], end=vocab[END_LATENT],
                    pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id)

@@ -1,0 +1,113 @@
+"""mmcoconut-train / python -m mmcoconut.train CONFIG [--key=value ...] [--deepspeed DS_CONFIG]
+
+`--help` lists every config key (type, default, doc) by section. Also accepted: `--deepspeed --deepspeed_config
+PATH` (DeepSpeed's add_config_arguments spelling) and the launcher's `--local_rank=N`. Every other `--key=value` is
+a run-config override (mmcoconut.config). Several processes: `deepspeed --num_gpus N --module mmcoconut.train ...`
+or ./launch.sh; without a launcher the run is a single process (the environment DeepSpeed expects is set up here,
+so it never tries MPI discovery).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from mmcoconut.config import ConfigError, load_config
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
+    """-> (config, ds_config path or None, overrides)."""
+    config, ds_path, rest, i = None, None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--local_rank"):
+            i += 1 if "=" in a else 2
+            continue
+        if a in ("--deepspeed", "--deepspeed_config") or a.startswith(("--deepspeed=", "--deepspeed_config=")):
+            key, eq, val = a.partition("=")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val, i = argv[i + 1], i + 1
+            elif not eq and key == "--deepspeed_config":
+                raise ConfigError("--deepspeed_config needs a path")
+            ds_path = val or ds_path
+            i += 1
+            continue
+        if a.startswith("-") and not a.startswith("--"):
+            raise ConfigError(f"unknown option {a!r} (see --help)")
+        if config is None and not a.startswith("--"):
+            config = a
+        else:
+            rest.append(a)
+        i += 1
+    if config is None:
+        raise ConfigError("usage: mmcoconut-train CONFIG [--key=value ...] [--deepspeed DS_CONFIG] (--help lists "
+                          "every key)")
+    return config, ds_path, rest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env(argv: list[str]) -> bool:
+    """No launcher (no RANK/WORLD_SIZE/LOCAL_RANK, no --local_rank): set up a one-process group's environment so
+    deepspeed.init_distributed() uses it instead of MPI discovery. Returns whether it did."""
+    if any(k in os.environ for k in LAUNCHER_ENV) or any(a.startswith("--local_rank") for a in argv):
+        return False
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return True
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        from mmcoconut.config_help import help_text
+        prog = "mmcoconut-train" if os.path.basename(sys.argv[0]) == "mmcoconut-train" else "python -m mmcoconut.train"
+        print(help_text(prog), end="")
+        return 0
+    from mmcoconut.train.signals import stop_request
+
+    stop_request()  # first: a stop signal during startup is honoured at the first step boundary (signals.py)
+    single = single_process_env(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config, ds_path, overrides = parse_args(argv)
+        cfg = load_config(config, overrides)
+        if ds_path:
+            cfg.train.deepspeed_config = ds_path
+        # everything that can be wrong with the configs fails here, on every rank, before any collective
+        from mmcoconut.train.checkpoint import plan_resume
+        from mmcoconut.train.engine import resolve_ds_config
+        from mmcoconut.train.preflight import check, check_config
+
+        data = check_config(cfg)  # pre-flight: data, hyper-parameters, curriculum; nothing is built before it
+        ds = resolve_ds_config(cfg, world=world)
+        plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)),
+                           ds["train_micro_batch_size_per_gpu"])
+        if plan is not None and plan.universal:
+            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+        check(cfg, ds, world, data)  # pre-flight: batch arithmetic of the resolved ds_config
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    from mmcoconut.train.ds_ops import init_distributed
+    from mmcoconut.train.loop import run
+
+    if single:
+        print("train: no launcher, running as a single process (deepspeed --num_gpus N --module mmcoconut.train "
+              "... or ./launch.sh for several)", flush=True)
+    init_distributed()
+    if rank == 0 and plan is not None:
+        print(f"resume: {cfg.run_dir}/{plan.tag}{' (universal)' if plan.universal else ''}", flush=True)
+    return run(cfg, ds, plan, rank, world)  # exit codes: README, "Preemption and exit codes"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
