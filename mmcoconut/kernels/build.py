@@ -307,21 +307,3 @@ def try_load_extension(kind: str):
         return load_extension(kind)
     except RuntimeError:
         return None
-
-
-def main(argv=None) -> int:
-    """Build ahead of time: `python -m mmcoconut.cli.build_ops [cpu|cuda|all]` (all: cpu, and cuda if possible)."""
-    which = (sys.argv[1:] if argv is None else argv) or ["all"]
-    kinds = ["cpu", "cuda"] if which == ["all"] else which
-    rc = 0
-    for kind in kinds:
-        if which == ["all"] and kind == "cuda" and not cuda_buildable():
-            continue
-        try:
-            mod = load_extension(kind)
-            print(f"{kind}: {mod.__file__}")
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            rc = 1
-    return rc
-
