@@ -1,8 +1,10 @@
 """Documentation of the run config, generated from mmcoconut/config.py (its trailing `# comments` are the docs).
 
 The one source of truth is the field definition in config.py: `name: type = default  # one-line doc`. This module
-reads those comments (with `ast` + `tokenize`) and renders `mmcoconut-train --help` and README's config reference
-table (`python -m mmcoconut.config_help --markdown`; tests/test_config.py checks README is in sync).
+reads those comments (with `ast` + `tokenize`) and renders `mmcoconut-train --help` and the generated tables of the
+docs: the config reference in docs/configuration.md (`python -m mmcoconut.config_help --markdown`) and the seed-key
+table in docs/seed-compatibility.md. `python -m mmcoconut.config_help --write FILE` renews the generated blocks FILE
+contains; tests/test_config.py checks both pages are in sync.
 """
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ import ast
 import dataclasses
 import inspect
 import io
+import os
+import re
 import sys
 import tokenize
 import typing
+from pathlib import Path
 from typing import Union
 
 from . import config as C
@@ -121,19 +126,49 @@ def seed_table() -> str:
     return "\n".join(out) + "\n"
 
 
-README_BLOCKS = {"config-reference": markdown_table, "seed-keys": seed_table}
+GENERATED_BLOCKS = {"config-reference": markdown_table, "seed-keys": seed_table}
 
 
-def sync_readme(text: str) -> str:
-    """README text with every generated block (between `<!-- NAME:begin -->` and `<!-- NAME:end -->`) renewed."""
-    for name, render in README_BLOCKS.items():
-        begin, end = f"<!-- {name}:begin (generated: python -m mmcoconut.config_help --write README.md) -->\n", \
-            f"<!-- {name}:end -->"
-        i, j = text.find(begin), text.find(end)
-        if i < 0 or j < i:
-            raise ValueError(f"README: markers for {name!r} not found ({begin.strip()} ... {end})")
-        text = text[:i + len(begin)] + render() + text[j:]
+def begin_marker(name: str, path: str) -> str:
+    """The line that opens generated block `name` in the file `path` (as the repo root sees it)."""
+    return f"<!-- {name}:begin (generated: python -m mmcoconut.config_help --write {path}) -->\n"
+
+
+def end_marker(name: str) -> str:
+    return f"<!-- {name}:end -->"
+
+
+def _begin_re(name: str) -> "re.Pattern[str]":
+    return re.compile(rf"<!-- {re.escape(name)}:begin\b[^\n]*-->\n")
+
+
+def blocks_in(text: str) -> list[str]:
+    """Names of the generated blocks whose begin marker `text` contains."""
+    return [name for name in GENERATED_BLOCKS if _begin_re(name).search(text)]
+
+
+def sync_blocks(text: str, path: str) -> str:
+    """`text` (the contents of `path`) with every generated block it contains renewed: the lines between
+    `<!-- NAME:begin ... -->` and `<!-- NAME:end -->` re-rendered, the begin marker naming `path`.
+    ValueError when it contains none, or a begin marker without its end marker."""
+    names = blocks_in(text)
+    if not names:
+        raise ValueError(f"{path}: no generated block to renew (a line `{begin_marker('NAME', path).strip()}`, "
+                         f"NAME one of {', '.join(GENERATED_BLOCKS)}, and `{end_marker('NAME')}`)")
+    for name in names:
+        m = _begin_re(name).search(text)
+        j = text.find(end_marker(name), m.end())
+        if j < 0:
+            raise ValueError(f"{path}: {name!r} begins ({m.group(0).strip()}) but {end_marker(name)} is missing")
+        text = text[:m.start()] + begin_marker(name, path) + GENERATED_BLOCKS[name]() + text[j:]
     return text
+
+
+def _display_path(p) -> str:
+    """`p` as the markers name it: relative to the working directory (the repo root, as documented), so that no
+    machine path is written into a committed file."""
+    rel = os.path.relpath(p)
+    return p.as_posix() if rel.startswith("..") else Path(rel).as_posix()
 
 
 def main(argv=None) -> int:
@@ -141,10 +176,14 @@ def main(argv=None) -> int:
     if argv[:1] == ["--markdown"]:
         print(markdown_table(), end="")
     elif argv[:1] == ["--write"] and len(argv) == 2:
-        from pathlib import Path
         p = Path(argv[1])
-        p.write_text(sync_readme(p.read_text(encoding="utf-8")), encoding="utf-8")
-        print(f"updated the generated blocks of {p}")
+        try:
+            text = sync_blocks(p.read_text(encoding="utf-8"), _display_path(p))
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        p.write_text(text, encoding="utf-8")
+        print(f"updated the generated blocks of {p}: {', '.join(blocks_in(text))}")
     else:
         print(help_text(), end="")
     return 0

@@ -125,11 +125,14 @@ def test_surprising_short_key_is_an_error_naming_the_candidates(overrides, candi
     assert load_config("demo", ["--eval.batch_size=8", "--lr=2e-4"]).eval.batch_size == 8  # dotted / unique keys
 
 
-def test_readme_config_reference_is_generated_from_config_py():
+@pytest.mark.parametrize("doc, blocks", [("docs/configuration.md", ["config-reference"]),
+                                         ("docs/seed-compatibility.md", ["seed-keys"])])
+def test_docs_generated_tables_are_in_sync_with_config_py(doc, blocks):
     from pathlib import Path
-    from mmcoconut.config_help import sync_readme
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert sync_readme(readme) == readme, "README is out of date: python -m mmcoconut.config_help --write README.md"
+    from mmcoconut.config_help import blocks_in, sync_blocks
+    text = (Path(__file__).resolve().parents[1] / doc).read_text(encoding="utf-8")
+    assert blocks_in(text) == blocks, f"{doc} should hold the generated block(s) {blocks}"
+    assert sync_blocks(text, doc) == text, f"{doc} is out of date: python -m mmcoconut.config_help --write {doc}"
 
 
 # ------------------------------------------------------------------------------------------------ seed keys
