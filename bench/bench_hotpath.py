@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 def load_probes():
-    spec = importlib.util.spec_from_file_location("mmc_probes", HERE / "mmcoconut" / "model" / "probes.py")
+    spec = importlib.util.spec_from_file_location("mmc_probes", HERE / "mmcoconut" / "testing.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

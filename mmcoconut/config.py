@@ -1,23 +1,30 @@
 """Typed run configuration: YAML file -> dataclasses, `--key=value` / `--section.key=value` overrides.
 
-Unknown keys and wrong types are errors. The seed project's flat config (name, model_id, train_path, ...)
-loads unchanged: its keys are mapped onto the sections below (see SEED_KEYS).
+Each field is `name: type = default  # one-line doc` (config_help.py renders --help and docs/configuration.md from
+these lines); choices are `Literal` types. Values are checked against the field types by pydantic (strict: no
+silent casts), then `validate()` runs every check that needs only the config, cross-field ones included, before
+anything is built. Unknown keys and wrong types are errors naming the key (and the file). The seed project's flat
+keys are translated by seed_config.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from .seed_config import SEED_KEYS, SeedValueError, check_seed_values, is_translated, seed_target, translate
 
-def _choice(default, *choices):
-    return field(default=default, metadata={"choices": choices})
+View = Literal["nocot", "cot", "coconut", "dummy"]  # generation views (mmcoconut.eval)
+VIEWS = typing.get_args(View)
 
 
 @dataclass
@@ -25,14 +32,14 @@ class ModelConfig:
     lm_id: str = "gpt2"  # hub id or local dir of a GPT-2 checkpoint
     vision_id: str = "openai/clip-vit-base-patch32"  # hub id or local dir of a CLIP (vision) checkpoint
     tokenizer_id: Optional[str] = None  # default: lm_id
-    image_tokens: str = _choice("pooled", "pooled", "patches")  # one pooled token, or patch tokens (CLS dropped)
+    image_tokens: Literal["pooled", "patches"] = "pooled"  # one pooled token, or patch tokens (CLS dropped)
     vision_layer: int = -2  # hidden layer used for patch tokens (LLaVA: -2)
-    projector: str = _choice("mlp2x_gelu", "linear", "mlp2x_gelu")  # vision -> LM projector (LLaVA's names)
+    projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"  # vision -> LM projector (LLaVA's names)
     freeze_vision: bool = True  # keep the CLIP tower frozen (not trained, not in the optimizer)
     new_token_init: str = "<<"  # new special-token rows start from this token's embedding (Coconut); "" = mean
     max_length: int = 512  # after image and latent expansion; longer samples are an error naming the key
     init_from: Optional[str] = None  # start from these weights: an export, a DeepSpeed checkpoint or a state-dict file
-    latent_scale: str = _choice("none", "none", "embedding")  # latent input: last hidden state as is | rescaled to the mean wte row norm
+    latent_scale: Literal["none", "embedding"] = "none"  # latent input: hidden state as is | at the mean wte row norm
 
 
 @dataclass
@@ -43,7 +50,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples in the shuffle buffer of each loader worker
     resampled: bool = False  # draw shards with replacement per rank and worker (fewer shards than ranks x workers)
     num_workers: int = 2  # DataLoader worker processes per rank
-    overlong: str = _choice("error", "error", "skip")  # what to do with sequences over model.max_length
+    overlong: Literal["error", "skip"] = "error"  # what to do with sequences over model.max_length
     max_skip_fraction: Optional[float] = 0.05  # stop when this fraction of training samples was skipped (None: never)
     shard_retries: int = 3  # re-open a shard that fails or breaks mid-stream this often, then skip it (counted)
     shard_retry_wait: float = 1.0  # seconds before the first retry; doubles per retry (jittered, at most 60)
@@ -73,7 +80,7 @@ class TrainConfig:
     lr: float = 1e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_steps: int = 0  # linear warm-up steps
-    lr_schedule: str = _choice("cosine", "constant", "linear", "cosine")  # after warm-up
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"  # after warm-up
     min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr x this
     latent_lr_ratio: float = 1.0  # lr x this from curriculum stage 1 on (stage of the optimizer step; Coconut: 1)
     grad_clip: float = 1.0  # gradient-norm clipping
@@ -81,7 +88,7 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metrics records
     max_nonfinite_steps: int = 5  # this many optimizer steps in a row with a NaN/inf loss stop the run
     deepspeed_config: str = ""  # set by --deepspeed; default: ds_configs/ file for the world size
-    precision: Optional[str] = _choice(None, None, "fp32", "fp16", "bf16")  # override the ds_config's
+    precision: Optional[Literal["fp32", "fp16", "bf16"]] = None  # override the ds_config's
     initial_scale_power: Optional[int] = None  # fp16 dynamic loss scaling overrides
     loss_scale_window: Optional[int] = None  # fp16: steps without overflow before the scale doubles
     hysteresis: Optional[int] = None  # fp16: overflows tolerated before the scale halves
@@ -105,20 +112,20 @@ class CheckpointConfig:
 class LoggingConfig:
     project: str = "mmcoconut"  # wandb project
     entity: Optional[str] = None  # wandb entity (team); default: yours
-    report_to: str = _choice("wandb", "wandb", "none")  # metrics.jsonl is always written
-    wandb_mode: Optional[str] = _choice(None, None, "online", "offline", "disabled")  # default: env / key
+    report_to: Literal["wandb", "none"] = "wandb"  # metrics.jsonl is always written
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None  # default: env / key
     run_dir: Optional[str] = None  # default: <save_dir>/<name>
 
 
 @dataclass
 class EvalConfig:
-    views: list[str] = field(default_factory=lambda: ["nocot", "cot", "coconut", "dummy"])  # mmcoconut.eval's views
+    views: list[View] = field(default_factory=lambda: list(VIEWS))  # mmcoconut.eval's views
     batch_size: int = 16  # generation batch per rank
     max_new_tokens: int = 64  # generation budget (steps + answer)
     val_samples: Optional[int] = 256  # per-stage validation budget during training (None: all)
     val_every_epoch: bool = True  # validate (loss + accuracy) after every epoch
-    val_accuracy: str = _choice("epoch", "epoch", "stage_end", "never")  # when validation also generates: MC/DA
-    dummy_latent: str = _choice("zeros", "zeros", "random")  # what the dummy view puts in the latent slots
+    val_accuracy: Literal["epoch", "stage_end", "never"] = "epoch"  # when validation also generates: MC/DA
+    dummy_latent: Literal["zeros", "random"] = "zeros"  # what the dummy view puts in the latent slots
     annotations: Optional[str] = None  # official annotation json = the expected question set (default: the shards)
 
 
@@ -143,61 +150,16 @@ class Config:
         return self.logging.run_dir or str(Path(self.checkpoint.save_dir) / self.train.name)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-# The seed trainers' flat keys (facebookresearch/coconut args/*.yaml and the multimodal seed) -> our dotted keys.
-# A callable maps a value to [(dotted key, value), ...] or raises ConfigError (a value mmcoconut cannot honour).
-def _seed_false_only(key: str, hint: str):
-    def apply(value, where):
-        if value in (False, None, "None", 0):
-            return []
-        raise ConfigError(f"{where}: seed key {key}: {value!r} is not supported by mmcoconut ({hint})")
-    return apply
-
-
-def _seed_load_model_path(value, where):
-    return [] if value in (None, "None", "none", "") else [("model.init_from", value)]
-
-
-def _seed_cot(value, where):
-    return [("curriculum.coconut", False)] if value is True else []
-
-
-SEED_KEYS = {
-    "name": "train.name", "model_id": "model.lm_id", "clip_id": "model.vision_id", "project": "logging.project",
-    "seed": "train.seed", "train_path": "data.train_shards", "val_path": "data.val_shards",
-    "save_path": "checkpoint.save_dir", "coconut": "curriculum.coconut", "no_cot": "curriculum.no_cot",
-    "num_epochs": "train.num_epochs", "epochs_per_stage": "curriculum.epochs_per_stage",
-    "c_thought": "curriculum.c_thought", "max_latent_stage": "curriculum.max_latent_stage",
-    "pad_latent_to_max": "curriculum.pad_latent_to_max", "uniform_prob": "curriculum.uniform_prob",
-    "reset_optimizer": "curriculum.reset_optimizer", "batch_size_training": "train.micro_batch_size",
-    "batch_size_eval": "eval.batch_size", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "lr": "train.lr", "weight_decay": "train.weight_decay", "resume": "checkpoint.resume",
-    "load_model_path": _seed_load_model_path,
-    "bf16": lambda value, where: [("train.precision", "bf16" if value is True else "fp32")],
-    "cot": _seed_cot,
-    "only_eval": _seed_false_only("only_eval", "evaluate with: mmcoconut-eval CKPT SHARDS"),
-    "save_only_improve": _seed_false_only("save_only_improve", "the newest checkpoint.keep_last checkpoints are "
-                                          "kept; pick one by validation accuracy in metrics.jsonl"),
-    "no_thoughts": _seed_false_only("no_thoughts", "Coconut's w/o-thought ablation is not implemented"),
-    "debug": _seed_false_only("debug", "for a short run use --logging.report_to=none --train.max_steps_per_epoch=N "
-                              "--eval.val_samples=32"),
-}
-SEED_KEY_DOCS = {
-    "load_model_path": "model.init_from (\"None\": none)", "bf16": "train.precision = bf16 (true) | fp32 (false)",
-    "cot": "true: curriculum.coconut = false (plain CoT training)",
-    "only_eval": "false only (true: use mmcoconut-eval)", "save_only_improve": "false only",
-    "no_thoughts": "false only", "debug": "false only",
-}
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _section_fields(section: str) -> dict[str, dataclasses.Field]:
-    cls = {"model": ModelConfig, "data": DataConfig, "curriculum": CurriculumConfig, "train": TrainConfig,
-           "checkpoint": CheckpointConfig, "logging": LoggingConfig, "eval": EvalConfig}[section]
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _section_fields(cls) -> dict[str, dataclasses.Field]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -206,15 +168,11 @@ def _section_fields(section: str) -> dict[str, dataclasses.Field]:
     return out
 
 
-FIELDS = {s: _section_fields(s) for s in SECTIONS}
-_FLAT = {}
+FIELDS = {s: _section_fields(cls) for s, cls in SECTIONS.items()}
+_FLAT: dict[str, list[str]] = {}
 for _s, _fs in FIELDS.items():
     for _k in _fs:
         _FLAT.setdefault(_k, []).append(f"{_s}.{_k}")
-
-
-def _all_keys() -> list[str]:
-    return [f"{s}.{k}" for s, fs in FIELDS.items() for k in fs] + list(SEED_KEYS)
 
 
 def short_key_candidates(key: str) -> list[str]:
@@ -226,11 +184,9 @@ def short_key_candidates(key: str) -> list[str]:
 
 
 def resolve_key(key: str, where: str) -> tuple[str, str]:
-    """'lr' / 'train.lr' / seed key -> (section, field). Unknown, ambiguous or surprising keys raise ConfigError:
+    """'lr' / 'train.lr' / a seed key -> (section, field). Unknown, ambiguous or surprising keys raise ConfigError:
     a bare key works only when it names exactly one field and no other field ends with it."""
-    target = SEED_KEYS.get(key)
-    if isinstance(target, str):
-        key = target
+    key = seed_target(key) or key
     if "." not in key:
         cands = short_key_candidates(key)
         if len(cands) > 1:
@@ -240,61 +196,72 @@ def resolve_key(key: str, where: str) -> tuple[str, str]:
     section, _, name = key.partition(".")
     if section in FIELDS and name in FIELDS[section]:
         return section, name
-    hint = difflib.get_close_matches(key, _all_keys(), n=3)
+    known = [f"{s}.{k}" for s, fs in FIELDS.items() for k in fs] + list(SEED_KEYS)
+    hint = difflib.get_close_matches(key, known, n=3)
     raise ConfigError(f"{where}: unknown config key {key!r}" + (f"; did you mean {hint}?" if hint else ""))
 
 
-def _coerce(value: Any, tp, where: str, choices=()) -> Any:
+def _admits(tp, kind) -> bool:
+    """Whether type `tp` (or an arm of its Optional/Union) is `kind` (float, list)."""
+    arms = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+    return any(a is kind or typing.get_origin(a) is kind for a in arms)
+
+
+def type_name(tp) -> str:
+    """int, float | None, str (a, b), list[str (a, b)]: how --help and the errors name a field type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arm, where, choices)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if errors else f"{where}: bad value {value!r}")
+        return " | ".join(type_name(a) for a in args if a is not type(None)) + \
+            (" | None" if type(None) in args else "")
+    if origin is Literal:
+        return f"{type(args[0]).__name__} (" + ", ".join(map(str, args)) + ")"
     if origin is list:
-        if not isinstance(value, (list, tuple)):
-            value = [v for v in str(value).split(",") if v] if isinstance(value, str) else value
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]", choices) for i, v in enumerate(value)]
-    ok = False
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-5 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} "
-                          f"({type(value).__name__})")
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
-    return value
+        return f"list[{type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(tp) -> TypeAdapter:
+    return TypeAdapter(tp, config=ConfigDict(strict=True))
+
+
+def _typed(value: Any, tp, where: str) -> Any:
+    """`value` as field type `tp` (strict: no silent casts) or ConfigError. Two spellings are read first: a float
+    YAML 1.1 leaves as a string ("5e-5") and a comma-separated list from the command line ("cot,coconut")."""
+    if isinstance(value, str) and _admits(tp, float):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, str) and _admits(tp, list):
+        value = [v for v in value.split(",") if v]
+    if typing.get_origin(tp) is list and typing.get_origin(typing.get_args(tp)[0]) is Literal \
+            and isinstance(value, list):
+        choices = typing.get_args(typing.get_args(tp)[0])
+        bad = [v for v in value if v not in choices]
+        if bad:
+            raise ConfigError(f"{where}: unknown {bad}; choose from {list(choices)}")
+    try:
+        return _adapter(tp).validate_python(value)
+    except ValidationError as e:
+        literal = next((a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is Literal), None)
+        if literal is not None and isinstance(value, type(typing.get_args(literal)[0])):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(literal))}") from None
+        raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r} ({type(value).__name__}): "
+                          f"{e.errors()[0]['msg']}") from None
 
 
 def _set(cfg: Config, key: str, value: Any, where: str) -> None:
     section, name = resolve_key(key, where)
-    f = FIELDS[section][name]
-    value = _coerce(value, f.type, f"{where}: {section}.{name}", f.metadata.get("choices", ()))
+    value = _typed(value, FIELDS[section][name].type, f"{where}: {section}.{name}")
     setattr(getattr(cfg, section), name, value)
 
 
 def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
-    if data.get("cot") is True and data.get("coconut") is True:
-        raise ConfigError(f"{where}: seed keys coconut and cot are both true; pick one")
+    try:
+        check_seed_values(data, where)
+    except SeedValueError as e:
+        raise ConfigError(str(e)) from None
     later = []
     for key, value in data.items():
         if key in FIELDS and isinstance(value, dict):
@@ -302,12 +269,16 @@ def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
                 _set(cfg, f"{key}.{sub}", v, where)
         elif key in FIELDS and value is None:
             continue  # empty section
-        elif callable(SEED_KEYS.get(key)):
+        elif is_translated(key):
             later.append((key, value))  # after the plain keys: `cot: true` wins over `coconut: false` order
         else:
             _set(cfg, str(key), value, where)
     for key, value in later:
-        for k, v in SEED_KEYS[key](value, f"{where}: {key}"):
+        try:
+            pairs = translate(key, value, f"{where}: {key}")
+        except SeedValueError as e:
+            raise ConfigError(str(e)) from None
+        for k, v in pairs:
             _set(cfg, k, v, f"{where}: {key}")
 
 
@@ -320,9 +291,12 @@ def find_config(path_or_name: str) -> Path:
     shipped = resources.files("mmcoconut") / "configs" / f"{stem}.yaml"
     if p.parent == Path(".") and shipped.is_file():
         return Path(str(shipped))
-    names = sorted(x.name[:-5] for x in (resources.files("mmcoconut") / "configs").iterdir()
-                   if x.name.endswith(".yaml"))
-    raise ConfigError(f"config {path_or_name!r}: no such file, and not a shipped config ({names})")
+    raise ConfigError(f"config {path_or_name!r}: no such file, and not a shipped config ({shipped_configs()})")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(x.name[:-5] for x in (resources.files("mmcoconut") / "configs").iterdir()
+                  if x.name.endswith(".yaml"))
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
@@ -348,7 +322,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 def load_config(path_or_name: Optional[str] = None, overrides: Optional[list[str]] = None,
                 data: Optional[dict] = None) -> Config:
-    """Defaults <- YAML file (or dict) <- command-line overrides. Raises ConfigError on any bad key/value."""
+    """Defaults <- YAML file (or dict) <- command-line overrides, then validate(). Raises ConfigError."""
     cfg = Config()
     if path_or_name:
         path = find_config(path_or_name)
@@ -362,7 +336,7 @@ def load_config(path_or_name: Optional[str] = None, overrides: Optional[list[str
     if data:
         _apply_mapping(cfg, data, "config dict")
     for key, value in parse_overrides(overrides or []):
-        if callable(SEED_KEYS.get(key)):
+        if is_translated(key):
             _apply_mapping(cfg, {key: value}, "command line")
         else:
             _set(cfg, key, value, f"--{key}")
@@ -376,27 +350,42 @@ def config_from_dict(d: dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    c = cfg.curriculum
-    for name in ("epochs_per_stage", "stage0_epochs"):
-        if getattr(c, name) is not None and getattr(c, name) < 1:
-            raise ConfigError(f"curriculum.{name} must be >= 1, got {getattr(c, name)}")
-    if c.c_thought < 0 or (c.coconut and not c.no_cot and c.max_latent_stage > 0 and c.c_thought < 1):
-        raise ConfigError(f"curriculum.c_thought must be >= 1 for a coconut curriculum with latent stages "
-                          f"(max_latent_stage {c.max_latent_stage}), got {c.c_thought}")
-    if c.max_latent_stage < 0 or not 0.0 <= c.uniform_prob <= 1.0:
-        raise ConfigError("curriculum.max_latent_stage must be >= 0 and uniform_prob in [0, 1]")
-    bad_views = set(cfg.eval.views) - {"nocot", "cot", "coconut", "dummy"}
-    if bad_views:
-        raise ConfigError(f"eval.views: unknown {sorted(bad_views)}; choose from nocot, cot, coconut, dummy")
-    for name in ("micro_batch_size", "gradient_accumulation_steps"):
-        if getattr(cfg.train, name) is not None and getattr(cfg.train, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1")
-    if cfg.model.max_length < 8:
-        raise ConfigError("model.max_length must be >= 8")
-    f = cfg.data.max_skip_fraction
-    if f is not None and not 0.0 <= f <= 1.0:
-        raise ConfigError(f"data.max_skip_fraction must be in [0, 1] (or null for no limit), got {f}")
-    if cfg.checkpoint.save_every_minutes < 0:
-        raise ConfigError("checkpoint.save_every_minutes must be >= 0 (0: off)")
-    for key in cfg.checkpoint.allow_config_change:
+    """Every check that needs only the config (ranges and cross-field rules), in one pass; the first problem is one
+    ConfigError naming the key. Checks that need the data, the ds_config or the world size: train/preflight.py."""
+    t, c, d, ck = cfg.train, cfg.curriculum, cfg.data, cfg.checkpoint
+    rules = [
+        ("train.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "> 0"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0: no clipping)"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.num_epochs", t.num_epochs, t.num_epochs >= 1, ">= 1"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.max_steps_per_epoch", t.max_steps_per_epoch, t.max_steps_per_epoch is None
+         or t.max_steps_per_epoch >= 1, ">= 1 (or unset)"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps, t.max_nonfinite_steps >= 1, ">= 1"),
+        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size is None or t.micro_batch_size >= 1,
+         ">= 1"),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps is None
+         or t.gradient_accumulation_steps >= 1, ">= 1"),
+        ("checkpoint.save_every_steps", ck.save_every_steps, ck.save_every_steps >= 0, ">= 0 (0: epoch ends only)"),
+        ("checkpoint.save_every_minutes", ck.save_every_minutes, ck.save_every_minutes >= 0, ">= 0 (0: off)"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.samples_per_epoch", d.samples_per_epoch, d.samples_per_epoch is None or d.samples_per_epoch >= 1,
+         ">= 1 (or unset: from sizes.json)"),
+        ("data.max_skip_fraction", d.max_skip_fraction, d.max_skip_fraction is None
+         or 0.0 <= d.max_skip_fraction <= 1.0, "in [0, 1] (or null for no limit)"),
+        ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 8, ">= 8"),
+        ("curriculum.epochs_per_stage", c.epochs_per_stage, c.epochs_per_stage >= 1, ">= 1"),
+        ("curriculum.stage0_epochs", c.stage0_epochs, c.stage0_epochs is None or c.stage0_epochs >= 1, ">= 1"),
+        ("curriculum.max_latent_stage", c.max_latent_stage, c.max_latent_stage >= 0, ">= 0"),
+        ("curriculum.uniform_prob", c.uniform_prob, 0.0 <= c.uniform_prob <= 1.0, "in [0, 1]"),
+        ("curriculum.c_thought", c.c_thought, c.c_thought >= 0 and not (
+            c.coconut and not c.no_cot and c.max_latent_stage > 0 and c.c_thought < 1),
+         f">= 1 for a coconut curriculum with latent stages (max_latent_stage {c.max_latent_stage})"),
+    ]
+    for key, value, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"{key} must be {want}, got {value}")
+    for key in ck.allow_config_change:
         resolve_key(key, "checkpoint.allow_config_change")

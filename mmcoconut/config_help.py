@@ -16,11 +16,10 @@ import os
 import re
 import sys
 import tokenize
-import typing
 from pathlib import Path
-from typing import Union
 
 from . import config as C
+from .seed_config import SEED_KEYS, describe
 
 
 def _comments(cls) -> dict[str, str]:
@@ -47,26 +46,13 @@ def field_docs() -> dict[str, dict[str, str]]:
     return {s: _comments(classes[s]) for s in C.FIELDS}
 
 
-def type_name(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        return " | ".join(type_name(a) for a in args if a is not type(None)) + \
-            (" | None" if type(None) in args else "")
-    if origin is list:
-        return f"list[{type_name(args[0])}]"
-    return getattr(tp, "__name__", str(tp))
-
-
 def rows() -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, doc) for every field, in section order."""
     docs, out = field_docs(), []
     defaults = C.Config().to_dict()
     for section, fields in C.FIELDS.items():
         for name, f in fields.items():
-            tp = type_name(f.type)
-            choices = [c for c in f.metadata.get("choices", ()) if c is not None]
-            if choices:
-                tp += " (" + ", ".join(map(str, choices)) + ")"
+            tp = C.type_name(f.type)
             default = defaults[section][name]
             default = ",".join(default) if isinstance(default, list) else repr(default) if isinstance(default, str) \
                 else str(default)
@@ -80,7 +66,8 @@ def help_text(prog: str = "mmcoconut-train") -> str:
         f"usage: {prog} CONFIG [--section.key=VALUE ...] [--deepspeed DS_CONFIG]",
         "       deepspeed --num_gpus N --module mmcoconut.train CONFIG ...   (several processes; or ./launch.sh)",
         "",
-        "CONFIG        a YAML file or a shipped config (" + ", ".join(_shipped()) + "); without a launcher the run",
+        "CONFIG        a YAML file or a shipped config (" + ", ".join(C.shipped_configs())
+        + "); without a launcher the run",
         "              is one process",
         "--deepspeed   a ds_config JSON file or the name of a shipped one (zero2_2gpu, zero3_1gpu, ...);",
         "              default: zero2_<world size>gpu",
@@ -98,15 +85,9 @@ def help_text(prog: str = "mmcoconut-train") -> str:
         if doc:
             lines.append(f"  {'':<{width + 2}} {doc}")
     lines += ["", "seed keys (the seed trainers' flat YAML keys, accepted as they are):"]
-    for key, target in C.SEED_KEYS.items():
-        lines.append(f"  {key:<28} -> {target if isinstance(target, str) else C.SEED_KEY_DOCS.get(key, '')}")
+    for key in SEED_KEYS:
+        lines.append(f"  {key:<28} -> {describe(key)}")
     return "\n".join(lines) + "\n"
-
-
-def _shipped() -> list[str]:
-    from importlib import resources
-    return sorted(x.name[:-5] for x in (resources.files("mmcoconut") / "configs").iterdir()
-                  if x.name.endswith(".yaml"))
 
 
 def markdown_table() -> str:
@@ -121,8 +102,8 @@ def markdown_table() -> str:
 def seed_table() -> str:
     """README's seed-key table."""
     out = ["| seed key | mmcoconut key |", "|---|---|"]
-    for key, target in C.SEED_KEYS.items():
-        out.append(f"| {key} | {target if isinstance(target, str) else C.SEED_KEY_DOCS.get(key, '')} |")
+    for key in SEED_KEYS:
+        out.append(f"| {key} | {describe(key)} |")
     return "\n".join(out) + "\n"
 
 

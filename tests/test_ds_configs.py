@@ -24,11 +24,27 @@ def _load(p):
     return json.loads(p.read_text())
 
 
-def test_all_families_and_sizes_present():
-    names = {p.name for p in FILES}
-    for fam in FAMILIES:
-        for n in (1, 2, 4, 8):
-            assert f"{fam}_{n}gpu.json" in names
+@pytest.mark.parametrize("path", FILES + sorted((DIR / "cpu").glob("*.json")), ids=lambda p: p.name)
+def test_each_file_resolves_through_the_engine_for_its_world_size(path):
+    """What the trainer does with `--deepspeed <file>` on <n> processes: the resolver accepts it (by path and by its
+    shipped name) and hands DeepSpeed the file's batch arithmetic and ZeRO stage with the run config applied; on any
+    other world size it refuses it with one line. Every family ships a file for 1, 2, 4 and 8 GPUs."""
+    n = int(re.fullmatch(r".+_(\d+)gpu", path.stem).group(1))
+    raw = _load(path)
+    for ref in (str(path), path.stem if path.parent == DIR else None):
+        if ref is None:
+            continue
+        ds = resolve_ds_config(_cfg("--train.lr=2e-4"), ref, world=n)
+        assert ds["train_batch_size"] == raw["train_batch_size"]
+        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * n
+        assert ds["zero_optimization"]["stage"] == raw["zero_optimization"]["stage"]
+        assert ds["optimizer"]["params"]["lr"] == 2e-4
+    other = 3 if n != 3 else 5
+    with pytest.raises(ConfigError, match="does not fit"):
+        resolve_ds_config(_cfg(), str(path), world=other)
+    if path.parent == DIR:
+        fam = path.stem.rsplit("_", 1)[0]
+        assert {f"{fam}_{k}gpu.json" for k in (1, 2, 4, 8)} <= {p.name for p in FILES}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)

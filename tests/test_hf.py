@@ -60,16 +60,23 @@ def test_config_and_weights_round_trip(hf_export):
     assert all(not p.requires_grad for p in hf.model.vision.parameters())  # frozen tower stays frozen
 
 
-def test_wrapper_computes_what_mmcoconut_computes(hf_export):
-    """Same logits and the same KV-cached generation as the training model (the HF class only wraps it)."""
+def test_wrapper_computes_what_the_recompute_reference_computes(hf_export):
+    """The HF model loaded from the export (its own config and weights) gives the logits and loss of the training
+    model's recompute-everything reference (naive_forward: no cache, no pass plan) and its greedy tokens equal
+    uncached one-by-one generation: the export is checked against an independent computation, not against itself."""
     from conftest import make_mm_batch
-    from mmcoconut.modeling import MMCoconutForConditionalGeneration
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration, generate_reference
     out, model, tok, _ = hf_export
     hf = MMCoconutForConditionalGeneration.from_pretrained(out).eval()
+    assert hf.model is not model
     batch = make_mm_batch(model, tok, [2, 0, 1])
     with torch.no_grad():
-        a, b = model(**batch), hf(**batch)
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+        got, ref = hf(**batch), model.naive_forward(**batch)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=0)
+    prompts = make_mm_batch(model, tok, [2, 1, 0], labels=False)
+    args = (prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"])
+    assert hf.generate(*args, max_new_tokens=6) == generate_reference(model, *args, max_new_tokens=6)
 
 
 def test_processor_prompt_is_build_prompt(hf_export):

@@ -59,48 +59,31 @@ def test_static_cache_saves_no_kv_copies(trained_mode):
     assert latent_bytes <= 1.15 * plain_bytes, (latent_bytes, plain_bytes)
 
 
-def _one_latent_pass_inputs(model, tok):
-    """A batch after pass 0 and one latent pass: (fill source, pass slice, mask, positions, kv, row mask)."""
-    from mmcoconut.modeling import kvcache
-    b = make_mm_batch(model, tok, [2, 2], seed=5)
-    plan = b["latent_plan"]
-    lay = plan.layout(plan.m_local)
-    ids, mask, pos, img_index, feats = model._prepare(b["input_ids"], b["attention_mask"], b["pixel_values"],
-                                                      b["position_ids"], plan, lay)
-    emb = model._embed(ids, feats, img_index)
-    keep = mask.bool()
-    ar = torch.arange(lay.Tp)
-    full = (ar[None, :] <= ar[:, None])[None, None] & keep[:, None, None, :]
-    strict = (ar[None, :] < ar[:, None])[None, None] & keep[:, None, None, :]
-    cfg = model.lm.config
-    kv = kvcache.StaticKV(cfg.n_layer, 2, cfg.n_head, lay.Tp, cfg.n_embd // cfg.n_head, emb.dtype, "cpu")
-    (a0, b0), (a, b1) = lay.bounds[:2]
-    h = model._lm_call(emb[:, :b0], full[:, :, :b0, :b0], pos[:, :b0], kv)
-    kv.commit(a0, b0)
-    kv.own = keep[:, a, None, None, None]
-    return h[:, -1], emb[:, a:b1], strict[:, :, a:b1], pos[:, a:b1], kv, plan.latent_counts > 0
-
-
-def test_latent_pass_compiles_fullgraph(trained_mode):
-    """torch.compile(fullgraph=True) of one one-column latent pass (latent write + LM over the static cache) and of
-    the embedding op: no graph breaks, forward and backward equal to eager (aot_eager: tracing, no codegen)."""
-    model, tok = trained_mode
-
-    def latent_pass(h_prev, e, m4, pos, kv, has):
-        e = torch.where(has[:, None, None], h_prev[:, None], e)
-        return model._lm_call_one(e, m4, pos, kv)
-
-    results = []
-    for fn in (latent_pass, torch.compile(latent_pass, fullgraph=True, backend="aot_eager")):
+def test_model_latent_passes_compile_fullgraph(tiny_dirs):
+    """The model's own per-pass LM calls (enable_compile: fullgraph=True, so a graph break raises) traced with
+    aot_eager (no codegen): a batch with pass 0, one-column latent passes and the last pass gives the eager loss
+    and gradients. The fused embedding op compiles fullgraph too."""
+    model, tok = build_tiny_mmcoconut(tiny_dirs, "patches", seed=5)
+    model.train()
+    model.lm.eval()  # no dropout: eager and compiled draw no random numbers
+    b = make_mm_batch(model, tok, [3, 0, 1], seed=1)
+    runs = []
+    for compiled in (False, True):
         torch._dynamo.reset()
+        model.enable_compile(backend="aot_eager") if compiled else model.disable_compile()
         model.zero_grad(set_to_none=True)
-        h_prev, e, m4, pos, kv, has = _one_latent_pass_inputs(model, tok)
-        out = fn(h_prev, e, m4, pos, kv, has)
-        kv.commit(pos.shape[1], pos.shape[1])  # the stash exists (the attention ran through the static cache)
-        out.square().sum().backward()
-        results.append((out.detach(), model.lm.transformer.h[0].attn.c_attn.weight.grad.clone()))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+        try:
+            out = model(**b)
+            out.loss.backward()
+        finally:
+            model.disable_compile()
+        runs.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}))
+    assert out.n_passes == 4
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=0)
+    assert runs[1][1].keys() == runs[0][1].keys()
+    for name, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], g, rtol=1e-5, atol=1e-6, msg=name)
 
     from mmcoconut.kernels import inject_embeddings
     from mmcoconut.kernels.testing import make_case

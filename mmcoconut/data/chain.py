@@ -62,8 +62,8 @@ def follow(tiles: list[dict], start: str, hops: int) -> list[str]:
 
 
 def make_record(index: int, seed: int, hops: int = 3, steps: str = "pointer", pointers: str = "per-square") -> dict:
-    """The full shard json (docs/CONTRACT.md) of chain sample `index` with `hops` hops (1..4); `steps` picks the
-    step text (STEP_FORMATS), `pointers` the tile kind (POINTER_KINDS)."""
+    """The full shard json (docs/internals.md, "Shard sample") of chain sample `index` with `hops` hops (1..4);
+    `steps` picks the step text (STEP_FORMATS), `pointers` the tile kind (POINTER_KINDS)."""
     if pointers not in POINTER_KINDS:
         raise ValueError(f"chain task: pointers must be one of {POINTER_KINDS}, got {pointers!r}")
     if not 1 <= hops <= MAX_HOPS:

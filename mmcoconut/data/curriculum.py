@@ -1,7 +1,7 @@
 """Coconut curriculum: one shard sample -> token ids + labels for a stage (train) or an eval view.
 
 Follows facebookresearch/coconut `dataset.py` (`get_cot_latent_dataset` / `get_question_latent_dataset`)
-token for token, with `[<image>] * n_image_tokens` in front (see docs/CONTRACT.md, "Token sequence").
+token for token, with `[<image>] * n_image_tokens` in front (see docs/internals.md, "Token sequence").
 """
 from __future__ import annotations
 

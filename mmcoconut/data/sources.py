@@ -3,7 +3,7 @@
 A work item is `WorkItem(key, record, image, error)`:
 - `key`: the sample key in the tar (the question_id with '.' and '/' replaced by '_': webdataset splits a member
   name at its first '.', and '/' would make a directory inside the tar). The json keeps `question_id` verbatim.
-- `record`: the shard json (docs/CONTRACT.md).
+- `record`: the shard json (docs/internals.md, "Shard sample").
 - `image`: a picklable callable `image(size) -> PIL.Image` (run inside the worker pool); `size` is only a hint
   that lets synthetic images be drawn at their final resolution.
 - `error`: None, or why the entry is malformed; such an item is skipped and logged, never raised.

@@ -62,8 +62,9 @@ def kind_after(kind: str, hops: int) -> str:
 
 
 def make_record(index: int, seed: int, list_choices: bool = True) -> dict:
-    """The full shard json (docs/CONTRACT.md) of synthetic sample `index` for `seed`. `list_choices=False`
-    leaves the choice list out of the question text (32 instead of 50 text tokens: the demo); the json keeps them."""
+    """The full shard json (docs/internals.md, "Shard sample") of synthetic sample `index` for `seed`.
+    `list_choices=False` leaves the choice list out of the question text (32 instead of 50 text tokens: the demo);
+    the json keeps them."""
     rng = random.Random(seed * 1_000_003 + index)  # hash-free, so stable across processes and Python runs
     scene = _make_scene(rng)
     anchor = rng.choice(scene)

@@ -1,4 +1,4 @@
-"""Figures from a run's ``metrics.jsonl`` (schema in docs/CONTRACT.md); matplotlib (Agg) is an optional extra.
+"""Figures from a run's ``metrics.jsonl`` (schema: docs/internals.md); matplotlib (Agg) is an optional extra.
 
 ``plot_run(run_dir, out_dir=None) -> list of written PNG paths``:
 - ``loss.png``: train loss over steps; stage boundaries (``stage`` records, or changes of ``stage`` in train

@@ -1,7 +1,7 @@
 """Hugging Face exports: an MMCoconut (from a DeepSpeed checkpoint of any ZeRO stage, or a live engine) written as
 one self-contained `save_pretrained` directory, and loading it back.
 
-Export layout (MMCoconutForConditionalGeneration.save_pretrained, see mmcoconut/hf/):
+Export layout (MMCoconutForConditionalGeneration.save_pretrained, see mmcoconut/modeling/):
   config.json                 MMCoconutConfig: GPT-2 + CLIP vision configs, projector, special ids, image-token mode,
                               curriculum, the resolved run config (paths made portable), auto_map
   model.safetensors           every weight (language model, vision tower, projector), fp32
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 
+from .. import kernels  # noqa: F401  (importing it plugs the fused injection op into the loaded model)
 from .ds_checkpoint import checkpoint_config, consolidated_state_dict, find_checkpoint, load_checkpoint
 
 TIED = ("lm.lm_head.weight",)  # tied to lm.transformer.wte.weight

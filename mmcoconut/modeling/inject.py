@@ -1,9 +1,10 @@
 """Embedding injection: row (b,t) = sources[source_index[b,t]] if source_index[b,t] >= 0 else weight[input_ids[b,t]].
 
 `inject_embeddings` is what the model calls: the fused op (C++/CUDA, a torch.library custom op) once
-`mmcoconut.kernels` has plugged it in with :func:`use_fused` (the trainer, evaluation and the CLIs import it),
-else the pure-PyTorch implementation below (plain autograd ops, no host reads; what an export runs where
-mmcoconut is not installed). `inject_embeddings_reference` adds the range checks: the test oracle.
+`mmcoconut.kernels` has plugged it in with :func:`use_fused` (mmcoconut.factory and mmcoconut.export import it, so
+training, evaluation and the CLIs run it), else the pure-PyTorch implementation below (plain autograd ops, no
+host reads; what an export runs where mmcoconut is not installed). `inject_embeddings_reference` adds the range
+checks: the test oracle.
 """
 
 from __future__ import annotations

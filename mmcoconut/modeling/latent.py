@@ -130,25 +130,25 @@ class MMCoconut(nn.Module):
         return self.projector(feats.to(proj_dtype))
 
     # --------------------------------------------------------------------------------------- planning
-    def _resolve_plan(self, input_ids, plan: Optional[LatentPlan], pixel_values, prefix=None) -> LatentPlan:
+    def _resolve_plan(self, input_ids, latent_plan: Optional[LatentPlan], pixel_values, prefix=None) -> LatentPlan:
         """The host-side plan: the given one (no device reads), or made from a host copy of input_ids."""
-        if plan is None or prefix is not None:
-            plan = plan_batch(input_ids, self.ids.latent, self.ids.image, prefix=prefix)
+        if latent_plan is None or prefix is not None:
+            latent_plan = plan_batch(input_ids, self.ids.latent, self.ids.image, prefix=prefix)
         elif DEBUG:
-            _check_plan(plan, plan_batch(input_ids, self.ids.latent, self.ids.image))
-        if pixel_values is None and any(plan.image_counts):
+            _check_plan(latent_plan, plan_batch(input_ids, self.ids.latent, self.ids.image))
+        if pixel_values is None and any(latent_plan.image_counts):
             raise ValueError("batch has <image> tokens but no pixel_values")
-        if pixel_values is not None and any(c != self.n_image_tokens for c in plan.image_counts):
+        if pixel_values is not None and any(c != self.n_image_tokens for c in latent_plan.image_counts):
             raise ValueError(f"each row needs exactly {self.n_image_tokens} <image> tokens (image_tokens="
-                             f"{self.image_tokens!r}), got per-row counts {list(plan.image_counts)}")
-        return plan.to(input_ids.device, non_blocking=True)
+                             f"{self.image_tokens!r}), got per-row counts {list(latent_plan.image_counts)}")
+        return latent_plan.to(input_ids.device, non_blocking=True)
 
-    def _prepare(self, input_ids, attention_mask, pixel_values, position_ids, plan: LatentPlan, lay: Layout):
-        """Right-pad to lay.Tp (masked) and compute the projected image features: device ops only."""
+    def _prepare(self, input_ids, attention_mask, pixel_values, position_ids, latent_plan: LatentPlan, layout: Layout):
+        """Right-pad to layout.Tp (masked) and compute the projected image features: device ops only."""
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        ids, mask, pos, img_index = input_ids, attention_mask, position_ids, plan.image_index
-        pad, B = lay.Tp - plan.T, ids.shape[0]
+        ids, mask, pos, img_index = input_ids, attention_mask, position_ids, latent_plan.image_index
+        pad, B = layout.Tp - latent_plan.T, ids.shape[0]
         if pad:  # right-pad (masked) so that every rank makes n + 1 calls
             ids = F.pad(ids, (0, pad), value=self.ids.pad)
             mask = F.pad(mask, (0, pad), value=0)
@@ -187,12 +187,13 @@ class MMCoconut(nn.Module):
         return self.lm.transformer(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False,
                                    mmc=kv).last_hidden_state
 
-    def enable_compile(self, mode: Optional[str] = None) -> None:
-        """torch.compile the per-pass LM calls (not registered as a submodule: state_dict is unchanged), built at
-        the next forward: on CUDA the one-column passes get mode="reduce-overhead" (CUDA graphs), their shapes
-        fixed by padding the sequence buffers to a multiple of COMPILE_BUCKET; `mode` overrides both. Not for
-        ZeRO-3 (partitioned weights). `disable_compile()` returns to eager."""
-        self._compiled = {"request": mode or "auto"}
+    def enable_compile(self, mode: Optional[str] = None, backend: str = "inductor") -> None:
+        """torch.compile the per-pass LM calls with fullgraph=True (a graph break is an error, not a slow path; not
+        registered as a submodule: state_dict is unchanged), built at the next forward: on CUDA the one-column
+        passes get mode="reduce-overhead" (CUDA graphs), their shapes fixed by padding the sequence buffers to a
+        multiple of COMPILE_BUCKET; `mode` overrides both. `backend`: torch.compile's (tests trace with
+        "aot_eager"). Not for ZeRO-3 (partitioned weights). `disable_compile()` returns to eager."""
+        self._compiled = {"request": (mode or "auto", backend)}
 
     def disable_compile(self) -> None:
         self._compiled = {}
@@ -201,10 +202,12 @@ class MMCoconut(nn.Module):
         if not self._compiled:
             return self._lm_call
         if "request" in self._compiled:
-            mode = self._compiled.pop("request")
+            mode, backend = self._compiled.pop("request")
             one_mode = ("reduce-overhead" if device.type == "cuda" else None) if mode == "auto" else mode
-            self._compiled.update(multi=torch.compile(self._lm_call, mode=None if mode == "auto" else mode),
-                                  one=torch.compile(self._lm_call_one, mode=one_mode))
+            multi_mode = None if mode == "auto" else mode
+            self._compiled.update(
+                multi=torch.compile(self._lm_call, mode=multi_mode, fullgraph=True, backend=backend),
+                one=torch.compile(self._lm_call_one, mode=one_mode, fullgraph=True, backend=backend))
         return self._compiled["one" if one else "multi"]
 
     def _run_lm(self, embeds, attention_mask, position_ids, cache):
@@ -215,53 +218,66 @@ class MMCoconut(nn.Module):
 
     # ------------------------------------------------------------------------------------ multi-pass
     def _multipass(self, input_ids, attention_mask, pixel_values=None, position_ids=None, dummy_latent=None,
-                   sync: bool = True, plan: Optional[LatentPlan] = None, return_cache: bool = True) -> _State:
-        """The n + 1 passes over a static KV cache. With a host `plan` (Collator) no device data is read; the
-        cache is returned as a transformers DynamicCache only with return_cache (generation)."""
+                   sync: bool = True, latent_plan: Optional[LatentPlan] = None, return_cache: bool = True) -> _State:
+        """The n + 1 passes over a static KV cache (module doc, pass table). With a host `latent_plan` (Collator) no
+        device data is read; the cache is returned as a transformers DynamicCache only with return_cache.
+
+            pass   columns            input rows changed before the LM call          attention
+            0      [0, start)         none (image features came with the embedding)   causal over its columns
+            1..n-1 [start+i-1, +1)    latent i-1 <- last hidden state of the pass      history + itself (one column)
+            n      [start+n-1, Tp)    latent n-1 <- likewise; then the rest           history + causal over its own
+        """
         if dummy_latent not in DUMMY_MODES:
             raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy_latent!r}")
         if self.lm.transformer.gradient_checkpointing and self.training:
             raise ValueError("MMCoconut's KV-cached multi-pass forward is incompatible with HF gradient "
                              "checkpointing (it drops the cache); disable it")
-        plan = self._resolve_plan(input_ids, plan, pixel_values)
-        n = self.agree_pass_count(plan.m_local) if sync and self.agree_pass_count else plan.m_local
-        lay = plan.layout(n)
-        if self._compiled and lay.Tp % COMPILE_BUCKET:  # bucketed buffer length: the last pass grows
-            lay = _grow(lay, -lay.Tp % COMPILE_BUCKET)
+        latent_plan = self._resolve_plan(input_ids, latent_plan, pixel_values)
+        n_latent = latent_plan.m_local
+        n = self.agree_pass_count(n_latent) if sync and self.agree_pass_count else n_latent
+        layout = latent_plan.layout(n)
+        if self._compiled and layout.Tp % COMPILE_BUCKET:  # bucketed buffer length: the last pass grows
+            layout = _grow(layout, -layout.Tp % COMPILE_BUCKET)
         ids, mask, pos, img_index, feats = self._prepare(input_ids, attention_mask, pixel_values, position_ids,
-                                                         plan, lay)
-        B, Tp, dev = ids.shape[0], lay.Tp, ids.device
+                                                         latent_plan, layout)
+        batch, length, device = ids.shape[0], layout.Tp, ids.device
         emb = self._embed(ids, feats, img_index)  # every column once: one [V, D] weight gradient per micro-batch
-        chunks = emb.split([b - a for a, b in lay.bounds], 1)
-        keep = mask.bool()
-        ar = torch.arange(Tp, device=dev)
-        full = (ar[None, :] <= ar[:, None])[None, None] & keep[:, None, None, :]  # [B,1,Tp,Tp] causal & padding
-        strict = (ar[None, :] < ar[:, None])[None, None] & keep[:, None, None, :]
+        pass_embs = emb.split([end - start for start, end in layout.bounds], 1)
+        is_real = mask.bool()
+        cols = torch.arange(length, device=device)
+        causal = (cols[None, :] <= cols[:, None])[None, None] & is_real[:, None, None, :]  # [B,1,Tp,Tp] & padding
+        causal_before = (cols[None, :] < cols[:, None])[None, None] & is_real[:, None, None, :]  # history only
         cfg = self.lm.config
-        kv = StaticKV(cfg.n_layer, B, cfg.n_head, Tp, cfg.n_embd // cfg.n_head, emb.dtype, dev)
-        has = plan.latent_counts[None, :] > torch.arange(plan.m_local, device=dev)[:, None]  # [m, B]
-        hs, h_last, last = [], None, len(lay.bounds) - 1
-        with self._wgrad_context(last > 0):
-            for k, (a, b) in enumerate(lay.bounds):
-                e, w, j = chunks[k], b - a, a - lay.start  # j: latent index at column a (passes k >= 1)
-                if k > 0 and j < plan.m_local:  # latent column a gets the hidden state of column a - 1
-                    sel = has[j][:, None, None] if w == 1 else has[j][:, None, None] & (ar[:w] == 0)[None, :, None]
-                    e = torch.where(sel, self._fill(h_last, dummy_latent).to(e.dtype)[:, None], e)
-                if k == 0:
-                    m4, one = full[:, :, :b, :b], False
-                elif w == 1:
-                    m4, one = strict[:, :, a:b], True
-                    kv.own = keep[:, a, None, None, None]
+        kv = StaticKV(cfg.n_layer, batch, cfg.n_head, length, cfg.n_embd // cfg.n_head, emb.dtype, device)
+        # has_latent[i, b]: row b has a latent i (rows with fewer latents keep their token embedding there)
+        has_latent = latent_plan.latent_counts[None, :] > torch.arange(n_latent, device=device)[:, None]
+        pass_hidden, prev_last, final = [], None, len(layout.bounds) - 1
+        with self._wgrad_context(final > 0):
+            for pass_idx, (start, end) in enumerate(layout.bounds):
+                pass_emb, width = pass_embs[pass_idx], end - start
+                latent_idx = start - layout.start  # the latent at column `start` (passes >= 1)
+                if pass_idx > 0 and latent_idx < n_latent:  # latent column `start` <- hidden state of start - 1
+                    rows = has_latent[latent_idx][:, None, None]
+                    if width > 1:
+                        rows = rows & (cols[:width] == 0)[None, :, None]
+                    fill = self._fill(prev_last, dummy_latent).to(pass_emb.dtype)[:, None]
+                    pass_emb = torch.where(rows, fill, pass_emb)
+                one_column = pass_idx > 0 and width == 1
+                if pass_idx == 0:
+                    pass_mask = causal[:, :, :end, :end]
+                elif one_column:
+                    pass_mask = causal_before[:, :, start:end]
+                    kv.own = is_real[:, start, None, None, None]
                 else:
-                    m4, one = full[:, :, a:b], False
-                h = self._lm_pass_fn(one, dev)(e, m4, pos[:, a:b], kv)
-                if k < last or return_cache:
-                    kv.commit(a, b)
-                hs.append(h)
-                h_last = h[:, -1]
-        hidden = (torch.cat(hs, 1) if len(hs) > 1 else hs[0])[:, :plan.T]
+                    pass_mask = causal[:, :, start:end]
+                hidden = self._lm_pass_fn(one_column, device)(pass_emb, pass_mask, pos[:, start:end], kv)
+                if pass_idx < final or return_cache:
+                    kv.commit(start, end)
+                pass_hidden.append(hidden)
+                prev_last = hidden[:, -1]
+        hidden = (torch.cat(pass_hidden, 1) if len(pass_hidden) > 1 else pass_hidden[0])[:, :latent_plan.T]
         cache = kv.to_dynamic_cache(self.lm.config) if return_cache else None
-        return _State(hidden, mask, pos[:, :plan.T], cache, len(lay.bounds))
+        return _State(hidden, mask, pos[:, :latent_plan.T], cache, len(layout.bounds))
 
     def _wgrad_context(self, multi: bool):
         """Deferred Conv1D weight gradients (wgrad.py) for a multi-pass forward that will be back-propagated;
@@ -285,7 +301,7 @@ class MMCoconut(nn.Module):
         """KV-cached multi-pass forward; loss = token CE over labels (HF shift, -100 ignored), mean over tokens.
         latent_plan (from the Collator): the host-side pass layout; with it the forward reads no device data."""
         st = self._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent,
-                             plan=latent_plan, return_cache=False)
+                             latent_plan=latent_plan, return_cache=False)
         return self._output(st.hidden, labels, st.n_passes)
 
     def naive_forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None,
@@ -296,30 +312,31 @@ class MMCoconut(nn.Module):
         the first special_prefix columns hold <image>/<latent> tokens (generated tokens are plain)."""
         if dummy_latent not in DUMMY_MODES:
             raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy_latent!r}")
-        plan = self._resolve_plan(input_ids, None, pixel_values, prefix=special_prefix or input_ids.shape[1])
-        n = plan.m_local
-        lay = plan.layout(n)
+        latent_plan = self._resolve_plan(input_ids, None, pixel_values, prefix=special_prefix or input_ids.shape[1])
+        n = latent_plan.m_local
+        layout = latent_plan.layout(n)
         ids, mask, pos, img_index, feats = self._prepare(input_ids, attention_mask, pixel_values, position_ids,
-                                                         plan, lay)
-        B, Tp, start = ids.shape[0], lay.Tp, lay.start
-        ar = torch.arange(Tp, device=ids.device)
-        is_lat = (ar >= plan.first_latent) & (ar < plan.first_latent + plan.latent_counts[:, None])
-        base_src = [feats] if feats is not None else []
+                                                         latent_plan, layout)
+        batch, start = ids.shape[0], layout.start
+        cols = torch.arange(layout.Tp, device=ids.device)
+        first, counts = latent_plan.first_latent, latent_plan.latent_counts[:, None]
+        is_latent = (cols >= first) & (cols < first + counts)  # [B, Tp]
+        base_sources = [feats] if feats is not None else []
         base_index = img_index if img_index is not None else torch.full_like(ids, -1)
-        offset = sum(s.shape[0] for s in base_src)
-        rows = torch.arange(B, device=ids.device)
-        fills = []
-        for k in range(n + 1):
+        offset = sum(src.shape[0] for src in base_sources)
+        rows = torch.arange(batch, device=ids.device)
+        fills = []  # fills[i]: [B, D] input of latent i (the hidden state read in pass i)
+        for pass_idx in range(n + 1):
             index = base_index.clone()
-            for j in range(k):  # latent j <- fills[j]
-                c = start + j
-                index[:, c] = torch.where(is_lat[:, c], offset + j * B + rows, index[:, c])
-            srcs = base_src + fills
-            emb = self._embed(ids, torch.cat(srcs) if srcs else None, index if srcs else None)
-            h = self._run_lm(emb, mask, pos, None)
-            if k < n:
-                fills.append(self._fill(h[:, start + k - 1], dummy_latent))
-        return self._output(h[:, :plan.T], labels, n + 1)
+            for latent_idx in range(pass_idx):  # latent i <- fills[i] (source row offset + i * B + b)
+                col = start + latent_idx
+                index[:, col] = torch.where(is_latent[:, col], offset + latent_idx * batch + rows, index[:, col])
+            sources = base_sources + fills
+            emb = self._embed(ids, torch.cat(sources) if sources else None, index if sources else None)
+            hidden = self._run_lm(emb, mask, pos, None)
+            if pass_idx < n:
+                fills.append(self._fill(hidden[:, start + pass_idx - 1], dummy_latent))
+        return self._output(hidden[:, :latent_plan.T], labels, n + 1)
 
     # ------------------------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask, pixel_values=None, position_ids=None, max_new_tokens: int = 64,

@@ -5,7 +5,7 @@ The training Collator calls :func:`plan_batch` on its CPU tensors and ships the 
 runs with zero device->host syncs. Without a plan (direct calls, generation) the model plans from a host copy of
 ``input_ids``. Pure torch + standard library (ships inside Hugging Face exports).
 
-Layout for n passes after the cross-rank agreement (see mmcoconut/model/latent.py for the semantics):
+Layout for n passes after the cross-rank agreement (see latent.py for the semantics):
 ``bounds = [(0, start)] + [(start + i, start + i + 1) for i < n - 1] + [(start + n - 1, Tp)]`` (``[(0, Tp)]`` for
 n = 0), where ``start`` is the first latent column (or ``max(T - n, 1)`` when the batch has no latents of its own)
 and ``Tp = T + pad`` (masked right padding so that every rank makes n + 1 LM calls).

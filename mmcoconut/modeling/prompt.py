@@ -1,9 +1,10 @@
 """The prompt and answer format, in one place (pure Python: shipped inside Hugging Face exports).
 
 A sequence is `[<image>] * n_img + tok(question + "\\n") [+ START + LATENT * n + END] + steps + tok("### " + answer)`
-(docs/CONTRACT.md). A multiple-choice question carries its choices in the text: `question + choices_suffix(choices)`
-= "... The choices are 0: cat, 1: dog". The data pipeline (data/curriculum.py), evaluation (eval/evaluate.py) and
-the inference processor (hf/processing_mmcoconut.py) all build prompts and read answers through these functions.
+(docs/internals.md, "Token sequence"). A multiple-choice question carries its choices in the text:
+`question + choices_suffix(choices)` = "... The choices are 0: cat, 1: dog". The data pipeline (data/curriculum.py),
+evaluation (eval/evaluate.py) and the inference processor (processing_mmcoconut.py) all build prompts and read
+answers through these functions.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Pre-flight: everything checkable from the config, before any model is built or process group exists.
 
 `python -m mmcoconut.train` calls check_config() and, once the ds_config is resolved, check() on every rank; a
-problem is one ConfigError naming the config key, printed as one `error: ...` line with exit code 2. Checks:
-hyper-parameters (lr > 0, ...), a raw `.json` given as shards (with the make_shards command to run), shard specs
+problem is one ConfigError naming the config key, printed as one `error: ...` line with exit code 2. (Checks of
+the config alone, ranges and cross-field rules, ran in config.validate() when it was loaded.) Checks: a raw `.json`
+given as shards (with the make_shards command to run), shard specs
 that exist and have sample counts (train and val), the batch arithmetic per rank and per epoch, shards vs
 ranks x workers, and the curriculum's last stage vs the longest step list (exact, from steps.json when
 tools/make_shards.py wrote it; skipped otherwise).
@@ -10,7 +11,6 @@ tools/make_shards.py wrote it; skipped otherwise).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from mmcoconut.config import ConfigError
@@ -19,7 +19,6 @@ from mmcoconut.config import ConfigError
 def check_config(cfg) -> dict:
     """The run config alone (before the ds_config is read). Raises ConfigError (one line) for the first
     problem; returns what check_batches needs: {"urls": train shard list, "samples": samples per epoch}."""
-    _hyperparameters(cfg)
     _json_specs(cfg)
     urls = _expand(cfg.data.train_shards, "data.train_shards")
     samples = cfg.data.samples_per_epoch or sum(_sizes(urls, "data.train_shards"))
@@ -36,30 +35,6 @@ def check(cfg, ds: dict, world: int, data: dict | None = None) -> None:
     ds_config for `world` processes. Raises ConfigError (one line)."""
     data = data or check_config(cfg)
     _batches(cfg, ds, world, data["samples"], len(data["urls"]))
-
-
-# ---------------------------------------------------------------- hyper-parameters
-def _hyperparameters(cfg) -> None:
-    t, c, d = cfg.train, cfg.checkpoint, cfg.data
-    rules = [
-        ("train.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "> 0"),
-        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
-        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0: no clipping)"),
-        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
-        ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
-        ("train.num_epochs", t.num_epochs, t.num_epochs >= 1, ">= 1"),
-        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
-        ("train.max_steps_per_epoch", t.max_steps_per_epoch, t.max_steps_per_epoch is None
-         or t.max_steps_per_epoch >= 1, ">= 1 (or unset)"),
-        ("train.max_nonfinite_steps", t.max_nonfinite_steps, t.max_nonfinite_steps >= 1, ">= 1"),
-        ("checkpoint.save_every_steps", c.save_every_steps, c.save_every_steps >= 0, ">= 0 (0: epoch ends only)"),
-        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
-        ("data.samples_per_epoch", d.samples_per_epoch, d.samples_per_epoch is None or d.samples_per_epoch >= 1,
-         ">= 1 (or unset: from sizes.json)"),
-    ]
-    for key, value, ok, want in rules:
-        if not ok:
-            raise ConfigError(f"{key} must be {want}, got {value}")
 
 
 # ---------------------------------------------------------------- shard specs

@@ -1,4 +1,4 @@
-"""Run tracking on rank 0: <run_dir>/metrics.jsonl (schema in docs/CONTRACT.md), config.yaml, optional wandb.
+"""Run tracking on rank 0: <run_dir>/metrics.jsonl (schema: docs/internals.md), config.yaml, optional wandb.
 
 wandb never prompts or blocks: the mode is WANDB_MODE (env wins) > logging.wandb_mode > "online" when an API key
 is configured (WANDB_API_KEY or a netrc entry for api.wandb.ai) > "offline".
