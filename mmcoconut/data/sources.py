@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from PIL import Image
 
+from ..modeling.images import load_rgb
 from ..modeling.prompt import choices_suffix
 from . import synthetic
 
@@ -38,14 +39,7 @@ class FileImage:
         self.path = path
 
     def __call__(self, size: int) -> Image.Image:
-        with Image.open(self.path) as img:
-            img.load()  # decode now so truncated files fail here
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                out = Image.new("RGB", rgba.size, (255, 255, 255))
-                out.paste(rgba, mask=rgba.getchannel("A"))
-                return out
-            return img.convert("RGB")
+        return load_rgb(self.path)
 
 
 class SyntheticImage:

@@ -11,34 +11,15 @@ latents), cot (START END after the question for a coconut-trained model; the mod
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
 from .choices import map_to_choice
+from .images import load_rgb
 from .prompt import extract_answer, extract_rationale, prompt_ids, question_text, view_latents
 from .tokens import SpecialIds
-
-
-def load_image(image):
-    """A PIL image (RGB) from a path or a PIL image; arrays and tensors pass through to the image processor.
-    Transparent pixels are composited on white, like the shard writer does."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as img:
-            img.load()
-            image = img.copy()
-    if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            out = Image.new("RGB", rgba.size, (255, 255, 255))
-            out.paste(rgba, mask=rgba.getchannel("A"))
-            return out
-        return image.convert("RGB")
-    return image
 
 
 def _as_list(x, n: Optional[int] = None) -> list:
@@ -95,7 +76,7 @@ class MMCoconutProcessor(ProcessorMixin):
                              "give one of each per item")
         rows = [self.prompt(q, c, view, n_latents) for q, c in zip(questions, choices)]
         padded = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
-        pixels = self.image_processor([load_image(im) for im in images], return_tensors="pt")["pixel_values"]
+        pixels = self.image_processor([load_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
         data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], "pixel_values": pixels}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -116,4 +97,4 @@ class MMCoconutProcessor(ProcessorMixin):
         return out
 
 
-__all__ = ["MMCoconutProcessor", "load_image"]
+__all__ = ["MMCoconutProcessor"]
