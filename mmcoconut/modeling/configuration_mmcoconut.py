@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
 
-from . import families
+from .families import UnsupportedBackbone, lm_family, vision_config as vision_tower_config
 from .vision import num_image_tokens
 
 SPECIAL_ID_NAMES = ("image", "start", "latent", "end", "pad", "eos")
@@ -29,7 +29,7 @@ def _sub_config(value, default_cls, where: str):
         value = dict(value)
         mt = value.pop("model_type", None) or default_cls.model_type
         if mt not in CONFIG_MAPPING:
-            raise families.UnsupportedBackbone(f"MMCoconutConfig.{where}: unknown model_type {mt!r}")
+            raise UnsupportedBackbone(f"MMCoconutConfig.{where}: unknown model_type {mt!r}")
         return CONFIG_MAPPING[mt](**value)
     return value
 
@@ -61,8 +61,8 @@ class MMCoconutConfig(PretrainedConfig):
                  latent_scale="none", **kwargs):
         self.text_config = _sub_config(text_config, GPT2Config, "text_config")
         self.vision_config = _sub_config(vision_config, CLIPVisionConfig, "vision_config")
-        families.lm_family(self.text_config, "MMCoconutConfig.text_config")
-        families.vision_config(self.vision_config, "MMCoconutConfig.vision_config")
+        lm_family(self.text_config, "MMCoconutConfig.text_config")
+        vision_tower_config(self.vision_config, "MMCoconutConfig.vision_config")
         self.projector = projector
         self.image_tokens = image_tokens
         self.vision_layer = vision_layer

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tokens import SpecialIds
-from . import families
+from .families import check_window, decoder_layers, kv_geometry, lm_family, weight_grad_modules
 from .inject import inject_embeddings
 from .kvcache import StaticKV, install as install_kv_hook
 from .pass_plan import LatentPlan, Layout, plan_batch
@@ -86,12 +86,12 @@ class MMCoconut(nn.Module):
         self.lm, self.vision, self.projector = lm, vision, projector
         self.ids, self.n_image_tokens = ids, n_image_tokens
         self.image_tokens, self.vision_layer, self.freeze_vision = image_tokens, vision_layer, freeze_vision
-        self.family = families.lm_family(lm.config)
+        self.family = lm_family(lm.config)
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters \
             else "past_key_values"
         self._compiled: dict = {}  # enable_compile: "multi"/"one" -> compiled per-pass LM call
         self.deferred_wgrad = deferred_wgrad  # eager multi-pass training: one in-place weight-gradient buffer
-        self._wgrad_modules = families.weight_grad_modules(lm)
+        self._wgrad_modules = weight_grad_modules(lm)
         install_kv_hook(lm)
         # Set by a training engine that runs several ranks (mmcoconut.train); None: one process, nothing to agree.
         self.agree_pass_count: Optional[Callable[[int], int]] = None  # MAX of a local pass count over the ranks
@@ -253,8 +253,8 @@ class MMCoconut(nn.Module):
         cols = torch.arange(length, device=device)
         causal = (cols[None, :] <= cols[:, None])[None, None] & is_real[:, None, None, :]  # [B,1,Tp,Tp] & padding
         causal_before = (cols[None, :] < cols[:, None])[None, None] & is_real[:, None, None, :]  # history only
-        families.check_window(self.lm.config, length)
-        geo = families.kv_geometry(self.lm.config)  # K/V heads: fewer than query heads under GQA
+        check_window(self.lm.config, length)
+        geo = kv_geometry(self.lm.config)  # K/V heads: fewer than query heads under GQA
         kv = StaticKV(geo.n_layer, batch, geo.n_kv_heads, length, geo.head_dim, emb.dtype, device)
         # has_latent[i, b]: row b has a latent i (rows with fewer latents keep their token embedding there)
         has_latent = latent_plan.latent_counts[None, :] > torch.arange(n_latent, device=device)[:, None]
@@ -303,7 +303,7 @@ class MMCoconut(nn.Module):
 
         from torch.utils.checkpoint import checkpoint
 
-        for layer in families.decoder_layers(self.lm):
+        for layer in decoder_layers(self.lm):
             layer.gradient_checkpointing = on
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
@@ -312,7 +312,7 @@ class MMCoconut(nn.Module):
         that flow into the K/V history: refuse them."""
         if not (self.training and self.lm.is_gradient_checkpointing and torch.is_grad_enabled()):
             return
-        for layer in families.decoder_layers(self.lm):
+        for layer in decoder_layers(self.lm):
             fn = getattr(layer, "_gradient_checkpointing_func", None)
             if layer.gradient_checkpointing and getattr(fn, "keywords", {}).get("use_reentrant", True):
                 raise ValueError("MMCoconut: reentrant gradient checkpointing loses the gradients of the latent "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import families
+from .families import has_cls_token, vision_model_class
 
 IMAGE_TOKEN_MODES = ("pooled", "patches")
 
@@ -24,7 +24,7 @@ def build_vision(mcfg, config=None):
     if config is None:
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(mcfg.vision_id)
-    vision = families.vision_model_class(config).from_pretrained(mcfg.vision_id, dtype=torch.float32)
+    vision = vision_model_class(config).from_pretrained(mcfg.vision_id, dtype=torch.float32)
     if mcfg.freeze_vision:
         vision.requires_grad_(False)
         vision.eval()
@@ -47,5 +47,5 @@ def encode_images(vision, pixel_values: torch.Tensor, mode: str, layer: int) -> 
     if mode == "patches":
         out = vision(pixel_values=pixel_values, output_hidden_states=True)
         feats = out.hidden_states[layer]
-        return feats[:, 1:] if families.has_cls_token(vision.config) else feats
+        return feats[:, 1:] if has_cls_token(vision.config) else feats
     raise ValueError(f"unknown image_tokens mode {mode!r}; choose from {IMAGE_TOKEN_MODES}")
