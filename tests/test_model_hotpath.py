@@ -192,7 +192,7 @@ def test_gradient_checkpointing_equals_plain(family_dirs, arch):
         out.loss.backward()
         runs[ckpt] = (out.loss.detach(), [p.grad.clone() for p in params], kept)
     model.set_gradient_checkpointing(False)
-    assert out.n_passes == 4 and model.lm.is_gradient_checkpointing is False
+    assert out.n_passes == 4 and model.gradient_checkpointing is False
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-6, atol=0)
     for g_ckpt, g_ref in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(g_ckpt, g_ref, rtol=1e-5, atol=1e-7)

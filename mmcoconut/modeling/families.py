@@ -102,6 +102,29 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     return [m for m in lm.base_model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def set_checkpointing(layers: list[nn.Module], on: bool) -> None:
+    """Gradient checkpointing of these decoder layers (HF's GradientCheckpointingLayer switch) with
+    torch.utils.checkpoint, non-reentrant: the latent forward's gradients reach the K/V history, which a layer reads
+    without taking it as an input (a reentrant checkpoint would drop them); the cache view a pass's layers read is
+    bound to their call, so the recompute reads what the first run read."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        layer.gradient_checkpointing = on
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+
+def refuse_reentrant(layers: list[nn.Module]) -> None:
+    """HF's gradient_checkpointing_enable() defaults to reentrant checkpoints: refuse them (ValueError)."""
+    for layer in layers:
+        fn = getattr(layer, "_gradient_checkpointing_func", None)
+        if layer.gradient_checkpointing and getattr(fn, "keywords", {}).get("use_reentrant", True):
+            raise ValueError("MMCoconut: reentrant gradient checkpointing loses the gradients of the latent forward's "
+                             "K/V history; use model.set_gradient_checkpointing(True) (train.gradient_checkpointing)")
+
+
 # ------------------------------------------------------------------------------------ vision towers
 def vision_config(config, where: str = "model.vision_id"):
     """The vision-tower config of a CLIP/SigLIP (vision) config, or UnsupportedBackbone naming it."""

@@ -1,8 +1,6 @@
 """MMCoconut: a causal LM reading vision-tower image tokens and thinking in continuous latent tokens (Coconut).
 
-Backbones: GPT-2, Llama, Qwen2 and Mistral-family LMs with CLIP or SigLIP vision towers; what differs between the
-families is in families.py, this file only uses the LM's base model, its embedding tables and its config.
-
+Backbones: GPT-2, Llama, Qwen2, Mistral LMs; CLIP or SigLIP towers (what differs per family: families.py).
 Multi-pass forward with a KV cache (Coconut semantics). The loader aligns rows so latent j of every row sits at
 column L0 + j. With n = max latents in the batch (MAX over ranks through `agree_pass_count`, which a multi-rank
 engine installs so that every rank makes the same number of LM calls, as sharded weights require), the LM runs
@@ -12,9 +10,9 @@ n + 1 times:
     pass i (1..n-1) column  L0 + i - 1 (latent i - 1)    filled with the last hidden state of column L0 + i - 2
     pass n          columns [L0 + n - 1, T)              latent n - 1 filled likewise, then the rest
 
-Latent j (column L0 + j) receives the last-layer hidden state (after the final norm: GPT-2's ln_f, Llama's norm;
-upstream Coconut's `hidden_states[-1]`) of column L0 + j - 1, for rows that have
-more than j latents; other rows keep their ordinary token embedding there. Every pass reuses the cache of the
+Latent j (column L0 + j) receives the last-layer hidden state (after the final norm; upstream Coconut's
+`hidden_states[-1]`) of column L0 + j - 1, for rows that have more than j latents; other rows keep their ordinary
+token embedding there. Every pass reuses the cache of the
 previous ones, so each column is computed once. A batch without latents while n > 0 (another rank has some) is split
 at T - n the same way. Gradients flow through the latent chain (nothing is detached).
 
@@ -43,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tokens import SpecialIds
-from .families import check_window, decoder_layers, kv_geometry, lm_family, weight_grad_modules
+from .families import (check_window, decoder_layers, kv_geometry, lm_family, refuse_reentrant, set_checkpointing,
+                       weight_grad_modules)
 from .inject import inject_embeddings
 from .kvcache import StaticKV, install as install_kv_hook
 from .pass_plan import LatentPlan, Layout, plan_batch
@@ -92,6 +91,7 @@ class MMCoconut(nn.Module):
         self._compiled: dict = {}  # enable_compile: "multi"/"one" -> compiled per-pass LM call
         self.deferred_wgrad = deferred_wgrad  # eager multi-pass training: one in-place weight-gradient buffer
         self._wgrad_modules = weight_grad_modules(lm)
+        self._decoder_layers = decoder_layers(lm)  # a plain list: not registered, the state_dict is unchanged
         install_kv_hook(lm)
         # Set by a training engine that runs several ranks (mmcoconut.train); None: one process, nothing to agree.
         self.agree_pass_count: Optional[Callable[[int], int]] = None  # MAX of a local pass count over the ranks
@@ -291,33 +291,23 @@ class MMCoconut(nn.Module):
         not under torch.compile (enable_compile) nor gradient checkpointing (a recomputed layer must run the
         forward it first ran). An engine with sharded weights turns `deferred_wgrad` off."""
         on = multi and self.deferred_wgrad and torch.is_grad_enabled() and not self._compiled \
-            and not self.lm.is_gradient_checkpointing
+            and not self.gradient_checkpointing
         return deferred_weight_grads(self._wgrad_modules) if on else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------ gradient checkpointing
     def set_gradient_checkpointing(self, on: bool = True) -> None:
-        """Checkpoint each decoder-layer call of every pass (torch.utils.checkpoint, non-reentrant: gradients reach
-        the K/V history, which a layer reads without taking it as an input). Activations kept per layer and pass:
-        its input; the rest is recomputed in backward. Turns deferred weight gradients off while on."""
-        from functools import partial
+        """Checkpoint each decoder-layer call of every pass (families.set_checkpointing: non-reentrant; kept per
+        layer and pass: its input). Turns deferred weight gradients off while on."""
+        set_checkpointing(self._decoder_layers, on)
 
-        from torch.utils.checkpoint import checkpoint
-
-        for layer in decoder_layers(self.lm):
-            layer.gradient_checkpointing = on
-            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the LM's decoder layers checkpoint (ours or set through HF's API)."""
+        return any(layer.gradient_checkpointing for layer in self._decoder_layers)
 
     def _check_checkpointing(self) -> None:
-        """HF's own gradient_checkpointing_enable() defaults to reentrant checkpoints, which drop the gradients
-        that flow into the K/V history: refuse them."""
-        if not (self.training and self.lm.is_gradient_checkpointing and torch.is_grad_enabled()):
-            return
-        for layer in decoder_layers(self.lm):
-            fn = getattr(layer, "_gradient_checkpointing_func", None)
-            if layer.gradient_checkpointing and getattr(fn, "keywords", {}).get("use_reentrant", True):
-                raise ValueError("MMCoconut: reentrant gradient checkpointing loses the gradients of the latent "
-                                 "forward's K/V history; use model.set_gradient_checkpointing(True) "
-                                 "(train.gradient_checkpointing)")
+        if self.training and torch.is_grad_enabled() and self.gradient_checkpointing:
+            refuse_reentrant(self._decoder_layers)
 
     def _output(self, hidden, labels, n_passes) -> MMCoconutOutput:
         logits = self.lm.get_output_embeddings()(hidden)

@@ -12,8 +12,8 @@ linear(x, W, bias), W [out, in]), whose backward hands its (x_p, g_p) to the mic
 narrow one-column passes (a few KB against a weight of MBs) are kept and multiplied out by one GEMM over all of
 them. Autograd runs the gate's backward only after every call that used the gated weight has run its own, so the
 gate hands the complete gradient to the weight: its AccumulateGrad (and DeepSpeed's gradient hooks on it) run once
-per micro-batch, at the same point of the backward as without the context. The forward is bitwise the same; the weight gradient is the same sum of products, rounded in another
-order. Bias and input gradients are plain autograd's.
+per micro-batch, at the same point of the backward as without the context. The forward is bitwise the same; the
+weight gradient is the same sum of products, rounded in another order. Bias and input gradients are plain autograd's.
 Eager only: not for torch.compile (side effects in backward) nor ZeRO-3 (partitioned weights); the caller decides.
 Under autocast (e.g. HF Trainer's mixed precision) the calls stay plain: autograd then owns the dtype casts.
 """
