@@ -9,13 +9,20 @@ frozen CLIP tower (1 pooled image token). Data: 64 synthetic "shapes" samples (t
 Curriculum: c_thought 2, stages 0, 1, 2 for one epoch each, --steps optimizer steps per epoch (micro-batch 1 per rank,
 no accumulation: global batch 2); a checkpoint after the first stage-2 step, from which a fresh 2-rank run resumes.
   peak     max over the run of each rank process's VmHWM (/proc/<pid>/status, sampled every 0.2 s): everything the
-           process held at its peak (model states, activations, buffers, the Python/torch baseline)
+           process held at its peak (model states, activations, buffers, the Python/torch baseline, loading)
+  train    max VmRSS of each rank sampled while it trains (from its "train: world ..." line on): without the load;
+           by_stage: the same split by the curriculum stage of the step running (0: no latents; 2: 4 latents)
   estimate deepspeed's estimate_zero2/3_model_states_mem_needs (what estimate_zero*_..._all_live print) for the same
            parameter count and largest layer, 2 ranks, no offload: model states for 16-bit parameters
   step     median seconds per optimizer step at stage 2 (global batch / samples_per_s of metrics.jsonl)
   resume   the stage-2 losses after the checkpoint, resumed run vs uninterrupted run: equal bit for bit?
 
     python bench/bench_zero_backbone.py [--out DIR] [--zero 2,3] [--precision fp32] [--steps 3] [--gc] [--small]
+                                        [--z3-live N] [--layers L]
+--layers: Qwen2.5-0.5B's shapes with L decoder layers instead of 24 (a smaller model when 2 x the 0.5B run's
+memory is more than the machine has free).
+--z3-live: ZeRO-3's stage3_max_live_parameters / prefetch bucket / max_reuse_distance (default 1e8 parameters; the
+shipped zero3 files keep 1e9, which lets a 0.5B model stay gathered whole and ZeRO-3 save nothing over ZeRO-2).
 
 --small: the same run on a 2-layer, 128-wide model (a smoke test of the plumbing; its figures mean nothing).
 """
@@ -104,9 +111,12 @@ def setup(out: Path, dirs: dict, steps: int, gc: bool) -> Path:
     return path
 
 
-def ds_config(out: Path, zero: int) -> Path:
+def ds_config(out: Path, zero: int, live: int) -> Path:
     base = json.loads((ROOT / "ds_configs" / f"zero{zero}_2gpu.json").read_text())
     base.update(train_batch_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    if zero == 3:
+        base["zero_optimization"].update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live,
+                                         stage3_prefetch_bucket_size=min(live, 50_000_000))
     path = out / f"zero{zero}.json"
     path.write_text(json.dumps(base))
     return path
@@ -125,18 +135,19 @@ def _rank_pids(run_dir: str) -> list[int]:
     return pids
 
 
-def _hwm_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
-def launch(cfg: Path, ds: Path, run: Path, precision: str, extra=()) -> dict:
-    """2 ranks of the trainer; returns {"rc", "seconds", "peak_GiB": [per rank], "log"}."""
+def launch(cfg: Path, ds: Path, run: Path, precision: str, extra=(), steps_per_epoch: int = 2,
+           skip_steps: int = 0) -> dict:
+    """2 ranks of the trainer; returns {"rc", "seconds", "peak_GiB": [per rank], "train_GiB": [per rank], "log"}."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + os.getpid()
            % 1000), "--module", "mmcoconut.train", str(cfg), "--deepspeed", str(ds), f"--train.precision={precision}",
@@ -145,17 +156,29 @@ def launch(cfg: Path, ds: Path, run: Path, precision: str, extra=()) -> dict:
     t0 = time.time()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     peaks: dict[int, int] = {}
+    training: dict[int, int] = {}
+    by_stage: dict[int, int] = {}
+    metrics = run / "metrics.jsonl"
     try:
         while p.poll() is None:
+            started = "train: world" in Path(log.name).read_text(errors="replace")
+            done = metrics.read_text().count('"kind": "train"') if metrics.is_file() else 0
+            stage = min((done + skip_steps) // steps_per_epoch, 2)  # the stage of the step running now
             for pid in _rank_pids(str(run)):
-                peaks[pid] = max(peaks.get(pid, 0), _hwm_kib(pid))
+                peaks[pid] = max(peaks.get(pid, 0), _status_kib(pid, "VmHWM"))
+                if started:
+                    rss = _status_kib(pid, "VmRSS")
+                    training[pid] = max(training.get(pid, 0), rss)
+                    by_stage[stage] = max(by_stage.get(stage, 0), rss)
             time.sleep(0.2)
     except KeyboardInterrupt:
         os.killpg(p.pid, signal.SIGKILL)
         raise
     log.close()
     return {"rc": p.returncode, "seconds": round(time.time() - t0, 1),
-            "peak_GiB": sorted(round(v / 2**20, 2) for v in peaks.values() if v), "log": str(log.name)}
+            "peak_GiB": sorted(round(v / 2**20, 2) for v in peaks.values() if v),
+            "train_GiB": sorted(round(v / 2**20, 2) for v in training.values() if v),
+            "train_GiB_by_stage": {k: round(v / 2**20, 2) for k, v in sorted(by_stage.items())}, "log": str(log.name)}
 
 
 def losses(run: Path) -> dict:
@@ -171,30 +194,35 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per epoch (stages 0, 1, 2)")
     ap.add_argument("--gc", action="store_true", help="train.gradient_checkpointing=true")
     ap.add_argument("--small", action="store_true", help="a 2-layer model: smoke test")
+    ap.add_argument("--z3-live", type=int, default=100_000_000, help="ZeRO-3 max live / prefetch parameters")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: Qwen2.5-0.5B's 24)")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     global SHAPES
     SHAPES = SMALL if args.small else QWEN25_05B
-    out = Path(args.out + ("_small" if args.small else ""))
+    if args.layers:
+        SHAPES = dict(SHAPES, num_hidden_layers=args.layers)
+    out = Path(args.out + ("_small" if args.small else "") + (f"_L{args.layers}" if args.layers else ""))
     out.mkdir(parents=True, exist_ok=True)
     if args.prepare_only:
         make_model_dir(out)
         return 0
     # the random weights are made in a child process: this one stays small while the ranks run
-    subprocess.run([sys.executable, __file__, "--prepare-only", "--out", args.out] + (["--small"] * args.small),
-                   check=True)
+    subprocess.run([sys.executable, __file__, "--prepare-only", "--out", args.out] + (["--small"] * args.small)
+                   + ([f"--layers={args.layers}"] if args.layers else []), check=True)
     dirs = make_model_dir(out)
     total, largest = param_counts()
     est = ds_estimates(total, largest)
     cfg = setup(out, dirs, args.steps, args.gc)
     res = {"params": total, "largest_layer_params": largest, "precision": args.precision, "gc": args.gc,
+           "z3_live": args.z3_live, "layers": SHAPES["num_hidden_layers"],
            "steps_per_epoch": args.steps, "runs": {}}
     ckpt_step = 2 * args.steps + 1
     for z in map(int, args.zero.split(",")):
         name = f"z{z}{'_gc' if args.gc else ''}_{args.precision}"
         run = out / name
         shutil.rmtree(run, ignore_errors=True)
-        first = launch(cfg, ds_config(out, z), run, args.precision)
+        first = launch(cfg, ds_config(out, z, args.z3_live), run, args.precision, steps_per_epoch=args.steps)
         row = {"estimate_GiB": round(est[z] / 2**30, 2), "first": first}
         if first["rc"] == 0:
             a = losses(run)
@@ -205,8 +233,8 @@ def main(argv=None) -> int:
             resumed = out / f"{name}_resumed"
             shutil.rmtree(resumed, ignore_errors=True)
             shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("metrics.jsonl"))
-            second = launch(cfg, ds_config(out, z), resumed, args.precision,
-                            [f"--checkpoint.resume=step{ckpt_step:08d}"])
+            second = launch(cfg, ds_config(out, z, args.z3_live), resumed, args.precision,
+                            [f"--checkpoint.resume=step{ckpt_step:08d}"], args.steps, ckpt_step)
             row["resume"] = second
             if second["rc"] == 0:
                 b = losses(resumed)
@@ -215,7 +243,8 @@ def main(argv=None) -> int:
                     b[s]["loss"] == a[s]["loss"] for s in b)
         res["runs"][name] = row
         print(json.dumps({name: row}), flush=True)
-    (out / f"result_{args.precision}{'_gc' if args.gc else ''}.json").write_text(json.dumps(res, indent=1))
+    tag = f"{args.precision}{'_gc' if args.gc else ''}_z{args.zero.replace(',', '')}"
+    (out / f"result_{tag}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return 0
 

@@ -129,6 +129,12 @@ CASE_IDS = [f"{a}-{FAMILY_VISION[a]}-{m}" for a, m in MODEL_CASES]
 FAMILIES = list(FAMILY_VISION)
 
 
+def families(*slow):
+    """FAMILIES as pytest params, those named in `slow` marked slow (repeats of what another family already proves
+    in the default suite: `make test-all` runs them)."""
+    return [pytest.param(f, marks=pytest.mark.slow) if f in slow else f for f in FAMILIES]
+
+
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory, tiny_dirs):
     """arch -> tiny dirs of that LM family and its FAMILY_VISION tower (test preset), built once per session."""

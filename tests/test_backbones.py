@@ -290,3 +290,15 @@ def test_exports_load_without_mmcoconut(family_exports, tmp_path):
         hf = MMCoconutForConditionalGeneration.from_pretrained(path)
         want = [hf.answer(Image.open(img), q, choices=["red", "blue"]) for q in ("What?", "Which one?")]
         assert got[path][:2] == want and got[path][2].startswith("transformers_modules."), path
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_frozen_tower_runs_in_half_precision_on_cuda(family_dirs, arch):
+    """MMCoconut._apply: a frozen CLIP or SigLIP tower moved to CUDA runs in fp16; the LM and projector stay fp32."""
+    model, _ = build_tiny_mmcoconut(family_dirs(arch), "patches", seed=1)
+    model.cuda()
+    assert {p.dtype for p in model.vision.parameters()} == {torch.float16}
+    assert {p.dtype for p in model.lm.parameters()} | {p.dtype for p in model.projector.parameters()} == \
+        {torch.float32}

@@ -45,7 +45,7 @@ GEN_CASES = [("gpt2", "pooled", "coconut"), ("gpt2", "patches", "coconut"), ("gp
 
 
 def _ids(cases):
-    return [f"{a}-{FAMILY_VISION[a]}-{m}-{v}" for a, m, v in cases]
+    return [c.id if hasattr(c, "marks") else f"{c[0]}-{FAMILY_VISION[c[0]]}-{c[1]}-{c[2]}" for c in cases]
 
 
 @pytest.mark.parametrize("arch,mode,view", GEN_CASES, ids=_ids(GEN_CASES))
@@ -95,7 +95,9 @@ def test_generation_rejects_holes_in_a_prompt(tiny_mm):
 
 
 ONE_BY_ONE = [("gpt2", "pooled", "coconut"), ("gpt2", "patches", "coconut"), ("gpt2", "patches", "dummy"),
-              ("llama", "patches", "coconut"), ("qwen2", "patches", "coconut"), ("mistral", "patches", "dummy")]
+              ("llama", "patches", "coconut"),
+              pytest.param("qwen2", "patches", "coconut", marks=pytest.mark.slow, id="qwen2-siglip-patches-coconut"),
+              pytest.param("mistral", "patches", "dummy", marks=pytest.mark.slow, id="mistral-siglip-patches-dummy")]
 
 
 @pytest.mark.parametrize("arch,mode,view", ONE_BY_ONE, ids=_ids(ONE_BY_ONE))
