@@ -104,7 +104,7 @@ def setup(out: Path, dirs: dict, steps: int, gc: bool) -> Path:
            "curriculum": {"c_thought": 2, "max_latent_stage": 2, "epochs_per_stage": 1},
            "train": {"name": "zero", "num_epochs": 3, "max_steps_per_epoch": steps, "lr": 1e-4, "log_every": 1,
                      "gradient_checkpointing": gc},
-           "checkpoint": {"save_every_steps": 2 * steps + 1, "keep_last": 3},
+           "checkpoint": {"save_every_steps": 2 * steps + 1, "keep_last": 2},
            "logging": {"report_to": "none"}, "eval": {"val_every_epoch": False}}
     path = out / ("cfg_gc.yaml" if gc else "cfg.yaml")
     path.write_text(yaml.safe_dump(cfg))
@@ -181,6 +181,13 @@ def launch(cfg: Path, ds: Path, run: Path, precision: str, extra=(), steps_per_e
             "train_GiB_by_stage": {k: round(v / 2**20, 2) for k, v in sorted(by_stage.items())}, "log": str(log.name)}
 
 
+def drop_checkpoints(run: Path) -> None:
+    """Checkpoint tags of a finished run (GBs at this size): only metrics.jsonl and the logs are kept."""
+    for d in run.glob("*"):
+        if d.is_dir() and d.name.startswith(("step", "epoch")):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def losses(run: Path) -> dict:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in recs if r.get("kind") == "train"}
@@ -241,6 +248,8 @@ def main(argv=None) -> int:
                 row["resumed_losses"] = {s: r["loss"] for s, r in b.items()}
                 row["resume_exact"] = sorted(b) == [s for s in sorted(a) if s > ckpt_step] and all(
                     b[s]["loss"] == a[s]["loss"] for s in b)
+            drop_checkpoints(resumed)
+        drop_checkpoints(run)
         res["runs"][name] = row
         print(json.dumps({name: row}), flush=True)
     tag = f"{args.precision}{'_gc' if args.gc else ''}_z{args.zero.replace(',', '')}"
