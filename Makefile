@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, deepspeed, transformers, webdataset; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $@
 
+# `make demo ARCH=llama` (or qwen2, mistral; VISION=siglip): the same demo on a tiny model of that family.
+ARCH ?= gpt2
+VISION ?= clip
 demo: install
-	PATH=$(abspath $(BIN)):$$PATH bash tools/demo.sh
+	PATH=$(abspath $(BIN)):$$PATH ARCH=$(ARCH) VISION=$(VISION) bash tools/demo.sh
 
 # A task where the continuous thoughts carry the reasoning (3-hop pointer chasing, tools/showcase.sh; SEED=2 make showcase; seed 1 fails in stage 0, bench/RESULTS.md).
 showcase: install
@@ -39,4 +42,4 @@ test-all: install
 	$(BIN)/python -m pytest -q tests
 
 clean-demo:
-	rm -rf runs/demo shards/synthetic models/tiny
+	rm -rf runs/demo runs/demo-* shards/synthetic models/tiny models/tiny-*

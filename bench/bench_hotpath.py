@@ -1,8 +1,10 @@
 """Benchmark: the latent forward's hot path on CPU proxies (issue 12). Runs against any checkout (--code DIR) so
 the same batches measure the code before and after.
 
-GPT-2 124M config (random weights, vocab 50262) + a tiny frozen CLIP tower (1 pooled image token: the LM is what is
-measured), B=8, rows = <image> + 40 question + START + n latents + END + 20 answer tokens.
+GPT-2 124M config (random weights, vocab 50262), or with --arch llama a Llama-family model of similar size (SmolLM2-135M's
+shapes: 30 layers, 576 wide, 9 query / 3 K/V heads, vocab 49152 + 5, tied; random weights), + a tiny frozen CLIP tower
+(1 pooled image token: the LM is what is measured), B=8, rows = <image> + 40 question + START + n latents + END + 20
+answer tokens.
   syncs    device->host reads in forward+backward of one micro-batch (mmcoconut.testing.HostSyncCounter)
   vd       ops producing a [V, D] tensor during backward (VDGradCounter), by op
   saved    bytes autograd keeps for backward during the forward (saved_activation_bytes; parameters excluded)
@@ -16,7 +18,7 @@ measured), B=8, rows = <image> + 40 question + START + n latents + END + 20 answ
            --compare-wgrad adds a0/c, the latent forward with plain autograd weight gradients (wgrad.py off)
 
     python bench/bench_hotpath.py [--code DIR] [--what syncs,vd,saved,rss,ops,prof,ac] [--n 4,8] [--reps 7]
-                                  [--compile] [--small [--layers L]] [--compare-wgrad]
+                                  [--compile] [--small [--layers L]] [--compare-wgrad] [--arch gpt2|llama]
 """
 from __future__ import annotations
 
@@ -40,23 +42,37 @@ def load_probes():
     return mod
 
 
-def build(small: bool, layers=None):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+def lm_config(arch: str, small: bool, layers=None):
+    from transformers import GPT2Config, LlamaConfig
+
+    if arch == "llama":  # SmolLM2-135M's shapes (a Llama-family model the size of GPT-2 124M)
+        big = dict(vocab_size=49152 + 5, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
+        if small:
+            big.update(vocab_size=8192, hidden_size=256, intermediate_size=640, num_hidden_layers=layers or 4,
+                       num_attention_heads=4, num_key_value_heads=2)
+        return LlamaConfig(tie_word_embeddings=True, rms_norm_eps=1e-5, **big)
+    lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=layers or 4, n_head=4) if small \
+        else GPT2Config(vocab_size=50262)
+    lcfg.attn_pdrop = lcfg.resid_pdrop = lcfg.embd_pdrop = 0.0  # same work and numerics in every variant
+    return lcfg
+
+
+def build(small: bool, layers=None, arch: str = "gpt2"):
+    from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
     from mmcoconut.modeling.latent import MMCoconut
     from mmcoconut.modeling.projector import build_projector
     from mmcoconut.modeling.tokens import SpecialIds
     torch.manual_seed(0)
-    lcfg = GPT2Config(vocab_size=8192, n_embd=256, n_layer=layers or 4, n_head=4) if small \
-        else GPT2Config(vocab_size=50262)
-    lcfg.attn_pdrop = lcfg.resid_pdrop = lcfg.embd_pdrop = 0.0  # same work and numerics in every variant
+    lcfg = lm_config(arch, small, layers)
     vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                             image_size=32, patch_size=16)
     V = lcfg.vocab_size
     ids = SpecialIds(image=V - 5, start=V - 4, latent=V - 3, end=V - 2, pad=V - 1, eos=0)
-    lm = GPT2LMHeadModel(lcfg)
-    model = MMCoconut(lm, CLIPVisionModel(vcfg).requires_grad_(False), build_projector("mlp2x_gelu", 64, lcfg.n_embd),
-                      ids, 1)
+    lm = AutoModelForCausalLM.from_config(lcfg)
+    model = MMCoconut(lm, CLIPVisionModel(vcfg).requires_grad_(False),
+                      build_projector("mlp2x_gelu", 64, lcfg.hidden_size), ids, 1)
     return model.train()
 
 
@@ -97,7 +113,7 @@ def measure_syncs_vd(model, b, P):
     model.zero_grad(set_to_none=True)
     with P.HostSyncCounter() as c:
         out = model(**b)
-        with P.VDGradCounter(model.lm.transformer.wte.weight.shape) as vd:
+        with P.VDGradCounter(model.lm.get_input_embeddings().weight.shape) as vd:
             out.loss.backward()
     return {"syncs": c.total, "sync_ops": dict(c.counts), "vd": dict(vd.counts), "loss": out.loss.item()}
 
@@ -162,7 +178,7 @@ def measure_rss(fn):
 
 
 def measure_ac(model, B, n, reps, compare_wgrad=False):
-    """Interleaved repeats of a (latent) and c (plain); with compare_wgrad also a0 = a with the Conv1D weight
+    """Interleaved repeats of a (latent) and c (plain); with compare_wgrad also a0 = a with the projections' weight
     gradients left to plain autograd (model.deferred_wgrad = False), in the same process and repeat."""
     a_b, c_b = make_batch(model, B, n, seed=2), make_batch(model, B, n, seed=2, plain=True)
     runs = {"a": (a_b, True), "c": (c_b, True)}
@@ -202,6 +218,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="with --small: this many layers (op counts per pass "
                     "depend on the layer count, not the width: --small --layers 12 counts GPT-2 124M's ops)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="GPT-2 124M or SmolLM2-135M shapes")
     ap.add_argument("--compare-wgrad", action="store_true", help="a/c also with model.deferred_wgrad = False "
                     "(plain autograd weight gradients), interleaved in the same repeats")
     args = ap.parse_args(argv)
@@ -211,11 +228,11 @@ def main(argv=None):
     P = load_probes()
     global DEVICE
     DEVICE = torch.device(args.device)
-    model = build(args.small, args.layers).to(DEVICE)
+    model = build(args.small, args.layers, args.arch).to(DEVICE)
     if args.compile:
         model.enable_compile()
     what, B = args.what.split(","), args.batch
-    res = {"code": args.code, "device": args.device, "batch": B, "threads": torch.get_num_threads(),
+    res = {"code": args.code, "device": args.device, "arch": args.arch, "batch": B, "threads": torch.get_num_threads(),
            "compile": args.compile,
            "torch": torch.__version__}
     if "syncs" in what or "vd" in what:

@@ -29,17 +29,17 @@ VIEWS = typing.get_args(View)
 
 @dataclass
 class ModelConfig:
-    lm_id: str = "gpt2"  # hub id or local dir of a GPT-2 checkpoint
-    vision_id: str = "openai/clip-vit-base-patch32"  # hub id or local dir of a CLIP (vision) checkpoint
+    lm_id: str = "gpt2"  # hub id or local dir of a causal LM: GPT-2, Llama (3.x, SmolLM2), Qwen2/2.5 or Mistral
+    vision_id: str = "openai/clip-vit-base-patch32"  # hub id or local dir of a CLIP or SigLIP (vision) checkpoint
     tokenizer_id: Optional[str] = None  # default: lm_id
     image_tokens: Literal["pooled", "patches"] = "pooled"  # one pooled token, or patch tokens (CLS dropped)
     vision_layer: int = -2  # hidden layer used for patch tokens (LLaVA: -2)
     projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"  # vision -> LM projector (LLaVA's names)
-    freeze_vision: bool = True  # keep the CLIP tower frozen (not trained, not in the optimizer)
+    freeze_vision: bool = True  # keep the vision tower frozen (not trained, not in the optimizer)
     new_token_init: str = "<<"  # new special-token rows start from this token's embedding (Coconut); "" = mean
     max_length: int = 512  # after image and latent expansion; longer samples are an error naming the key
     init_from: Optional[str] = None  # start from these weights: an export, a DeepSpeed checkpoint or a state-dict file
-    latent_scale: Literal["none", "embedding"] = "none"  # latent input: hidden state as is | at the mean wte row norm
+    latent_scale: Literal["none", "embedding"] = "none"  # latent input: hidden state as is | at mean embedding norm
 
 
 @dataclass
@@ -94,7 +94,8 @@ class TrainConfig:
     hysteresis: Optional[int] = None  # fp16: overflows tolerated before the scale halves
     min_loss_scale: Optional[float] = None  # fp16: the scale never goes below this
     compile: bool = False  # torch.compile the per-pass LM calls (CUDA: CUDA graphs for one-column passes); not ZeRO-3
-    deferred_wgrad: bool = True  # eager latent passes: Conv1D weight gradients summed in place, one per micro-batch
+    deferred_wgrad: bool = True  # eager latent passes: projection weight gradients summed in place, one per micro-batch
+    gradient_checkpointing: bool = False  # recompute each decoder layer of each pass in backward (less memory)
 
 
 @dataclass
@@ -387,5 +388,8 @@ def validate(cfg: Config) -> None:
     for key, value, ok, want in rules:
         if not ok:
             raise ConfigError(f"{key} must be {want}, got {value}")
+    if t.compile and t.gradient_checkpointing:
+        raise ConfigError("train.compile=true and train.gradient_checkpointing=true do not go together (the "
+                          "checkpointed layers' recomputation is not compiled); pick one")
     for key in ck.allow_config_change:
         resolve_key(key, "checkpoint.allow_config_change")

@@ -72,11 +72,19 @@ def build_tiny_mmcoconut(dirs, image_tokens="pooled", seed=0, **over):
     tok = build_tokenizer(mcfg)
     torch.manual_seed(seed)
     model = build_model(mcfg, tok).eval()
-    with torch.no_grad():  # larger weights than GPT-2's 0.02 init: visible logits, non-degenerate greedy output
+    scale_tiny_weights(model)
+    return model, tok
+
+
+def scale_tiny_weights(model):
+    """Larger weights than the 0.02 init: visible logits, non-degenerate greedy output (input embeddings and GPT-2's
+    position table x WTE_SCALE, every other matrix of the LM x LM_SCALE)."""
+    import torch
+    emb = model.lm.get_input_embeddings().weight
+    with torch.no_grad():
         for name, p in model.lm.named_parameters():
             if p.dim() == 2:
-                p.mul_(WTE_SCALE if "wte" in name or "wpe" in name else LM_SCALE)
-    return model, tok
+                p.mul_(WTE_SCALE if p is emb or "wpe" in name else LM_SCALE)
 
 
 def make_mm_batch(model, tok, latents, q_extra=None, seed=0, labels=True):
@@ -108,4 +116,48 @@ def tiny_mm(tiny_dirs):
         if mode not in cache:
             cache[mode] = build_tiny_mmcoconut(tiny_dirs, mode)
         return cache[mode]
+    return get
+
+
+# ---------------------------------------------------------------- backbone families (model-level tests per family)
+FAMILY_VISION = {"gpt2": "clip", "llama": "clip", "qwen2": "siglip", "mistral": "siglip"}  # tower per LM family
+# (family, image_tokens) of the family-parametrised model tests: GPT-2 in both modes, each other family once, so that
+# SigLIP runs pooled (its attention-pool head) and patches (no CLS token)
+MODEL_CASES = [("gpt2", "pooled"), ("gpt2", "patches"), ("llama", "patches"), ("qwen2", "pooled"),
+               ("mistral", "patches")]
+CASE_IDS = [f"{a}-{FAMILY_VISION[a]}-{m}" for a, m in MODEL_CASES]
+FAMILIES = list(FAMILY_VISION)
+
+
+def families(*slow):
+    """FAMILIES as pytest params, those named in `slow` marked slow (repeats of what another family already proves
+    in the default suite: `make test-all` runs them)."""
+    return [pytest.param(f, marks=pytest.mark.slow) if f in slow else f for f in FAMILIES]
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tiny_dirs):
+    """arch -> tiny dirs of that LM family and its FAMILY_VISION tower (test preset), built once per session."""
+    from mmcoconut.tiny_models import make_tiny_models
+    cache = {"gpt2": tiny_dirs}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = make_tiny_models(tmp_path_factory.mktemp(f"tiny-{arch}"), "test", texts=TINY_TEXTS,
+                                           arch=arch, vision=FAMILY_VISION[arch])
+        return cache[arch]
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_mm(family_dirs, tiny_mm):
+    """(arch, mode) -> (model, tokenizer) like tiny_mm (GPT-2: tiny_mm's own), built once per session."""
+    cache = {}
+
+    def get(arch, mode="patches"):
+        if arch == "gpt2":
+            return tiny_mm(mode)
+        if (arch, mode) not in cache:
+            cache[arch, mode] = build_tiny_mmcoconut(family_dirs(arch), mode)
+        return cache[arch, mode]
     return get

@@ -1,8 +1,11 @@
-"""Cached greedy generation == uncached full-recompute reference (left padding, latents, per-row stopping)."""
+"""Cached greedy generation == uncached full-recompute reference (left padding, latents, per-row stopping), for
+every backbone family (Llama, Qwen2, Mistral next to GPT-2)."""
 import dataclasses
 
 import pytest
 import torch
+
+from conftest import FAMILY_VISION
 
 from mmcoconut.data.collate import GenerationCollator
 from mmcoconut.modeling import generate_reference
@@ -36,10 +39,18 @@ def run(model, b, fn, **kw):
     return model.generate(*args, position_ids=b["position_ids"], **kw)
 
 
-@pytest.mark.parametrize("mode,view", [("pooled", "coconut"), ("patches", "coconut"), ("pooled", "cot"),
-                                       ("patches", "dummy")])
-def test_cached_generation_equals_reference(tiny_mm, mode, view):
-    model, tok = tiny_mm(mode)
+GEN_CASES = [("gpt2", "pooled", "coconut"), ("gpt2", "patches", "coconut"), ("gpt2", "pooled", "cot"),
+             ("gpt2", "patches", "dummy"), ("llama", "patches", "coconut"), ("qwen2", "pooled", "coconut"),
+             ("mistral", "patches", "cot")]
+
+
+def _ids(cases):
+    return [c.id if hasattr(c, "marks") else f"{c[0]}-{FAMILY_VISION[c[0]]}-{c[1]}-{c[2]}" for c in cases]
+
+
+@pytest.mark.parametrize("arch,mode,view", GEN_CASES, ids=_ids(GEN_CASES))
+def test_cached_generation_equals_reference(family_mm, arch, mode, view):
+    model, tok = family_mm(arch, mode)
     b = prompts(model, tok, view)
     assert (b["attention_mask"] == 0).any()
     dummy = "zeros" if view == "dummy" else None
@@ -83,11 +94,17 @@ def test_generation_rejects_holes_in_a_prompt(tiny_mm):
         model.generate(b["input_ids"], torch.zeros_like(mask), b["pixel_values"])
 
 
-@pytest.mark.parametrize("mode,view", [("pooled", "coconut"), ("patches", "coconut"), ("patches", "dummy")])
-def test_per_sample_latent_counts_equal_one_by_one(tiny_mm, mode, view):
+ONE_BY_ONE = [("gpt2", "pooled", "coconut"), ("gpt2", "patches", "coconut"), ("gpt2", "patches", "dummy"),
+              ("llama", "patches", "coconut"),
+              pytest.param("qwen2", "patches", "coconut", marks=pytest.mark.slow, id="qwen2-siglip-patches-coconut"),
+              pytest.param("mistral", "patches", "dummy", marks=pytest.mark.slow, id="mistral-siglip-patches-dummy")]
+
+
+@pytest.mark.parametrize("arch,mode,view", ONE_BY_ONE, ids=_ids(ONE_BY_ONE))
+def test_per_sample_latent_counts_equal_one_by_one(family_mm, arch, mode, view):
     """Rows with 0..3 latents in one batch (first latents aligned, rows right-padded after END) generate exactly
     what each row generates alone (no padding at all), and what the uncached reference generates."""
-    model, tok = tiny_mm(mode)
+    model, tok = family_mm(arch, mode)
     counts = [3, 0, 1, 2, 3]
     rows = prompt_rows(model, tok, view, n_latents=counts, n_rows=5)
     b = GenerationCollator(model.ids, model.ids.pad)(rows)

@@ -1,19 +1,18 @@
-"""MMCoconut: KV-cached multi-pass forward == naive recompute == an independent per-row computation; grads."""
+"""MMCoconut: KV-cached multi-pass forward == naive recompute == an independent per-row computation; grads.
+Parametrised by backbone family (conftest.MODEL_CASES: GPT-2 in both image-token modes, Llama, Qwen2 and Mistral)."""
 import pytest
 import torch
 
-from conftest import WTE_SCALE, build_tiny_mmcoconut, make_mm_batch
-
-MODES = ["pooled", "patches"]
+from conftest import CASE_IDS, FAMILIES, MODEL_CASES, WTE_SCALE, build_tiny_mmcoconut, make_mm_batch
 
 
 def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_cached_equals_naive(tiny_mm, mode):
-    model, tok = tiny_mm(mode)
+@pytest.mark.parametrize("arch,mode", MODEL_CASES, ids=CASE_IDS)
+def test_cached_equals_naive(family_mm, arch, mode):
+    model, tok = family_mm(arch, mode)
     b = make_mm_batch(model, tok, [0, 2, 3, 1])
     assert (b["attention_mask"][:, 0] == 0).any() and (b["attention_mask"][:, -1] == 0).any()  # left + right pad
     with torch.no_grad():
@@ -26,23 +25,41 @@ def test_cached_equals_naive(tiny_mm, mode):
     assert rel_err(dz.logits, out.logits) > 1e-3
 
 
+COUNTS = {"n0": [0, 0, 0], "n1": [1, 1, 1], "n2": [2, 2, 2], "n4": [4, 4, 4], "mixed": [4, 0, 2, 1]}
+
+
+@pytest.mark.parametrize("arch,counts", [
+    pytest.param(a, c, id=f"{k}-{a}", marks=() if a == "llama" or k == "mixed" else pytest.mark.slow)
+    for a in FAMILIES for k, c in COUNTS.items()])
+def test_latent_counts_cached_equals_naive(family_mm, arch, counts):
+    """n in {0, 1, 2, 4} latents in every row, and mixed per row: the cached forward equals the recompute (every count
+    for Llama and mixed counts for every family in the default suite; the other counts per family are `slow`)."""
+    model, tok = family_mm(arch)
+    b = make_mm_batch(model, tok, counts, seed=7)
+    with torch.no_grad():
+        out, ref = model(**b), model.naive_forward(**b)
+    assert out.n_passes == ref.n_passes == max(counts) + 1
+    assert rel_err(out.logits, ref.logits) <= 1e-5 and abs(out.loss - ref.loss) <= 1e-5 * abs(ref.loss)
+
+
 def per_row_reference(model, b, r):
-    """Row r alone, unpadded, plain HF calls: latent j's input = last hidden state of the column before it."""
+    """Row r alone, unpadded, plain HF calls: latent j's input = last hidden state of the column before it (as
+    upstream Coconut: `hidden_states[-1]`, after the final norm, of the LM's base model)."""
     keep = b["attention_mask"][r].bool()
     ids = b["input_ids"][r][keep]
-    lm, wte = model.lm, model.lm.transformer.wte.weight
+    lm, wte = model.lm, model.lm.get_input_embeddings().weight
     emb = wte[ids].clone()
     img = (ids == model.ids.image).nonzero().flatten()
     emb[img] = model.image_features(b["pixel_values"][r:r + 1])[0]
     for c in (ids == model.ids.latent).nonzero().flatten().tolist():
-        h = lm.transformer(inputs_embeds=emb[None, :c]).last_hidden_state
+        h = lm(inputs_embeds=emb[None, :c], output_hidden_states=True).hidden_states[-1]
         emb = torch.cat([emb[:c], h[0, -1:], emb[c + 1:]])
     return lm(inputs_embeds=emb[None]).logits[0], keep
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_matches_independent_per_row(tiny_mm, mode):
-    model, tok = tiny_mm(mode)
+@pytest.mark.parametrize("arch,mode", MODEL_CASES, ids=CASE_IDS)
+def test_matches_independent_per_row(family_mm, arch, mode):
+    model, tok = family_mm(arch, mode)
     b = make_mm_batch(model, tok, [3, 0, 2], seed=1)
     with torch.no_grad():
         out = model(**b)
@@ -51,12 +68,13 @@ def test_matches_independent_per_row(tiny_mm, mode):
             assert rel_err(out.logits[r][keep], ref) <= 1e-5, r
 
 
-def test_zero_latents_equals_plain_lm(tiny_mm):
-    model, tok = tiny_mm("patches")
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_zero_latents_equals_plain_lm(family_mm, arch):
+    model, tok = family_mm(arch, "patches")
     b = make_mm_batch(model, tok, [0, 0, 0])
     with torch.no_grad():
         out = model(**b)
-        emb = model.lm.transformer.wte.weight[b["input_ids"]].clone()
+        emb = model.lm.get_input_embeddings().weight[b["input_ids"]].clone()
         is_img = b["input_ids"] == model.ids.image
         emb[is_img] = model.image_features(b["pixel_values"]).flatten(0, 1)
         plain = model.lm(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
@@ -66,14 +84,18 @@ def test_zero_latents_equals_plain_lm(tiny_mm):
     assert rel_err(out.logits, plain.logits) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_gradients_match_naive(tiny_dirs, mode):
-    model, tok = build_tiny_mmcoconut(tiny_dirs, mode, seed=3)
+@pytest.mark.parametrize("arch,mode", MODEL_CASES, ids=CASE_IDS)
+def test_gradients_match_naive(family_dirs, arch, mode):
+    model, tok = build_tiny_mmcoconut(family_dirs(arch), mode, seed=3)
     model.train()
     model.lm.eval()  # no dropout: both forwards must see the same network
     b = make_mm_batch(model, tok, [2, 0, 3], seed=2)
-    params = {"wte": model.lm.transformer.wte.weight, "c_attn": model.lm.transformer.h[0].attn.c_attn.weight,
-              "mlp": model.lm.transformer.h[-1].mlp.c_proj.weight, "proj": model.projector[0].weight}
+    proj = model._wgrad_modules  # layer 0's first attention projection ... the last layer's MLP output
+    params = {"wte": model.lm.get_input_embeddings().weight, "c_attn": proj[0].weight, "mlp": proj[-1].weight,
+              "proj": model.projector[0].weight}
+    head = model.lm.get_output_embeddings().weight
+    if head is not params["wte"]:  # an untied output head (Mistral)
+        params["head"] = head
     grads = []
     for fwd in (model.forward, model.naive_forward):
         model.zero_grad(set_to_none=True)

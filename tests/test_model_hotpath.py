@@ -1,14 +1,16 @@
-"""The GPU-ready hot path, proven on CPU: no host syncs, one embedding gradient, no K/V copies, compile-ready."""
+"""The GPU-ready hot path, proven on CPU for every backbone family: no host syncs, one embedding gradient, no K/V
+copies (grouped-query attention: K/V stored with the K/V heads), compile-ready, deferred weight gradients, gradient
+checkpointing."""
 import pytest
 import torch
 
-from conftest import build_tiny_mmcoconut, make_mm_batch
+from conftest import build_tiny_mmcoconut, families, make_mm_batch
 from mmcoconut.testing import HostSyncCounter, VDGradCounter, saved_activation_bytes
 
 
-@pytest.fixture(scope="module")
-def trained_mode(tiny_dirs):
-    model, tok = build_tiny_mmcoconut(tiny_dirs, "patches", seed=3)
+@pytest.fixture(scope="module", params=families("qwen2"))  # qwen2: what llama and mistral prove (GQA, Linear)
+def trained_mode(request, family_dirs):
+    model, tok = build_tiny_mmcoconut(family_dirs(request.param), "patches", seed=3)
     model.train()
     model.lm.eval()  # no dropout: runs must be comparable
     return model, tok
@@ -22,7 +24,7 @@ def test_forward_backward_without_host_syncs(trained_mode):
         out = model(**b)
         out.loss.backward()
     assert c.total == 0, dict(c.counts)
-    assert out.n_passes == 4 and model.lm.transformer.wte.weight.grad.abs().sum() > 0
+    assert out.n_passes == 4 and model.lm.get_input_embeddings().weight.grad.abs().sum() > 0
     # the probe sees reads: without a plan the model plans from a host copy, and the counter says so
     b.pop("latent_plan")
     with HostSyncCounter() as c, torch.no_grad():
@@ -34,14 +36,15 @@ def test_forward_backward_without_host_syncs(trained_mode):
 def test_one_embedding_gradient_per_microbatch(trained_mode, latents):
     model, tok = trained_mode
     b = make_mm_batch(model, tok, latents, seed=1)
-    wte = model.lm.transformer.wte.weight
+    wte = model.lm.get_input_embeddings().weight
+    tied = model.lm.get_output_embeddings().weight is wte
     model.zero_grad(set_to_none=True)
     loss = model(**b).loss
     with VDGradCounter(wte.shape) as vd:
         loss.backward()
-    # one table gradient from the embedding op, one from the tied lm_head (mm), one add accumulating them
+    # one table gradient from the embedding op, one from the lm_head (mm); tied: one add accumulating them
     assert vd.counts["inject_embeddings_backward"] == 1, dict(vd.counts)
-    assert vd.counts["mm"] == 1 and vd.counts["add"] <= 1, dict(vd.counts)
+    assert vd.counts["mm"] == 1 and vd.counts["add"] <= (1 if tied else 0), dict(vd.counts)
     assert not {"zeros", "embedding_dense_backward", "index_add"} & set(vd.counts), dict(vd.counts)
 
 
@@ -59,11 +62,13 @@ def test_static_cache_saves_no_kv_copies(trained_mode):
     assert latent_bytes <= 1.15 * plain_bytes, (latent_bytes, plain_bytes)
 
 
-def test_model_latent_passes_compile_fullgraph(tiny_dirs):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_model_latent_passes_compile_fullgraph(family_dirs, arch):
     """The model's own per-pass LM calls (enable_compile: fullgraph=True, so a graph break raises) traced with
     aot_eager (no codegen): a batch with pass 0, one-column latent passes and the last pass gives the eager loss
-    and gradients. The fused embedding op compiles fullgraph too."""
-    model, tok = build_tiny_mmcoconut(tiny_dirs, "patches", seed=5)
+    and gradients (Llama: rotary positions, grouped-query attention). The fused embedding op compiles fullgraph
+    too."""
+    model, tok = build_tiny_mmcoconut(family_dirs(arch), "patches", seed=5)
     model.train()
     model.lm.eval()  # no dropout: eager and compiled draw no random numbers
     b = make_mm_batch(model, tok, [3, 0, 1], seed=1)
@@ -121,13 +126,15 @@ def test_enable_compile_matches_eager(tiny_dirs):
 
 
 def test_deferred_weight_gradients(trained_mode, monkeypatch):
-    """Each Conv1D weight gets one gradient per micro-batch, accumulated in place over the passes (wgrad.py): same
-    loss bit for bit, same gradients up to the rounding of a fused multiply-add, one AccumulateGrad per weight."""
+    """Each projection weight (GPT-2's Conv1D, the nn.Linear of the others) gets one gradient per micro-batch,
+    accumulated in place over the passes (wgrad.py): same loss bit for bit, same gradients up to the rounding of a
+    fused multiply-add, one AccumulateGrad per weight."""
     import mmcoconut.modeling.wgrad as wgrad
     model, tok = trained_mode
     b = make_mm_batch(model, tok, [2, 0, 3, 1], seed=5)
-    weights = [m.weight for m in model._conv1d]
-    assert len(weights) == 4 * model.lm.config.n_layer
+    weights = [m.weight for m in model._wgrad_modules]
+    per_layer = 4 if model.family == "gpt2" else 7  # c_attn c_proj c_fc c_proj | q k v o gate up down
+    assert len(weights) == per_layer * model.lm.config.num_hidden_layers
     fired = {}
     handles = [w.register_post_accumulate_grad_hook(lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1))
                for w in weights]
@@ -145,7 +152,7 @@ def test_deferred_weight_gradients(trained_mode, monkeypatch):
             out.loss.backward()
             runs[deferred] = (out.loss.detach(), [p.grad.clone() for p in model.lm.parameters()])
             assert sorted(fired.values()) == [1] * len(weights), deferred
-            assert all("forward" not in vars(m) for m in model._conv1d)  # the context restored the modules
+            assert all("forward" not in vars(m) for m in model._wgrad_modules)  # the context restored them
     finally:
         model.deferred_wgrad = True
         for h in handles:
@@ -163,3 +170,42 @@ def test_deferred_weight_gradients(trained_mode, monkeypatch):
         out = model(**b)
     out.loss.backward()
     assert not calls and all(p.grad.dtype == p.dtype for p in model.lm.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("arch", families("qwen2", "mistral"))
+def test_gradient_checkpointing_equals_plain(family_dirs, arch):
+    """train.gradient_checkpointing: every decoder-layer call of every pass is recomputed in backward (non-reentrant,
+    reading the K/V history its first run read); the loss and every gradient equal the plain multi-pass forward's
+    (dropout on for GPT-2's test preset: the recompute replays the RNG), and fewer activation bytes are kept. HF's
+    reentrant checkpointing (which would drop the history's gradients) is refused."""
+    model, tok = build_tiny_mmcoconut(family_dirs(arch), "patches", seed=3)
+    model.train()  # the layers checkpoint only in training mode
+    model.deferred_wgrad = False  # the reference: plain autograd (deferred wgrad is off under checkpointing anyway)
+    b = make_mm_batch(model, tok, [2, 0, 3, 1], seed=5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    runs = {}
+    for ckpt in (False, True):
+        model.set_gradient_checkpointing(ckpt)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out, kept = saved_activation_bytes(lambda: model(**b), exclude=params)
+        out.loss.backward()
+        runs[ckpt] = (out.loss.detach(), [p.grad.clone() for p in params], kept)
+    model.set_gradient_checkpointing(False)
+    assert out.n_passes == 4 and model.gradient_checkpointing is False
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-6, atol=0)
+    for g_ckpt, g_ref in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(g_ckpt, g_ref, rtol=1e-5, atol=1e-7)
+    assert runs[True][2] < 0.8 * runs[False][2], (runs[True][2], runs[False][2])
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    from mmcoconut.modeling.families import decoder_layers
+    for layer in decoder_layers(model.lm):  # what HF's gradient_checkpointing_enable() sets by default
+        layer.gradient_checkpointing, layer._gradient_checkpointing_func = True, partial(checkpoint, use_reentrant=True)
+    try:
+        with pytest.raises(ValueError, match="reentrant"):
+            model(**b)
+    finally:
+        model.set_gradient_checkpointing(False)

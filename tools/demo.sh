@@ -2,24 +2,31 @@
 # `make demo`: tiny random GPT-2/CLIP -> synthetic shards -> Coconut curriculum training on 2 CPU ranks ->
 # four-view evaluation (nocot / cot / coconut / dummy) on 2 ranks -> plots -> where everything is.
 # Runs with the venv's bin first on PATH (the Makefile does that). ≤ 5 minutes on 2 cores, first-run builds included.
+# ARCH=llama|qwen2|mistral (make demo ARCH=llama): the same demo on a tiny model of that LM family; VISION=siglip: a
+# SigLIP tower instead of CLIP (models/tiny-ARCH-VISION, runs/demo-ARCH-VISION).
 for arg in "$@"; do  # --help: the header above, then exit (nothing is started)
   if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
-    echo "Options: none (-h/--help prints this). make clean-demo removes what it made."
+    echo "Options: none (-h/--help prints this); env ARCH, VISION. make clean-demo removes what it made."
     exit 0
   fi
 done
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-RUN=runs/demo
+ARCH="${ARCH:-gpt2}" VISION="${VISION:-clip}"
+MODELS=models/tiny RUN=runs/demo EXTRA=()
+if [ "$ARCH" != gpt2 ] || [ "$VISION" != clip ]; then
+  MODELS="models/tiny-$ARCH-$VISION" RUN="runs/demo-$ARCH-$VISION"
+  EXTRA=(--model.lm_id="$MODELS/lm" --model.vision_id="$MODELS/vision" --train.name="demo-$ARCH-$VISION")
+fi
 EVAL="$RUN/eval"
 SHARDS=shards/synthetic
 start=$(date +%s)
 step() { echo; echo "==> [$1/6] $2 ($(( $(date +%s) - start ))s elapsed)"; }
 
-step 1 "tiny random GPT-2 + CLIP vision + BPE tokenizer -> models/tiny (skipped when up to date)"
-python tools/make_tiny_models.py models/tiny --preset demo
+step 1 "tiny random $ARCH LM + $VISION vision + BPE tokenizer -> $MODELS (skipped when up to date)"
+python tools/make_tiny_models.py "$MODELS" --preset demo --arch "$ARCH" --vision "$VISION"
 
 step 2 "synthetic visual-reasoning shards -> $SHARDS (skipped when present)"
 if compgen -G "$SHARDS/train-*.tar" >/dev/null; then
@@ -37,7 +44,7 @@ fi
 
 step 3 "train through the curriculum: 2 CPU processes, DeepSpeed ZeRO-2, fp32 (config mmcoconut/configs/demo.yaml)"
 # fp32 (train.precision in demo.yaml): DeepSpeed's CPU fp16 needs AVX512-FP16/AMX, which most CPUs lack
-CONFIG=demo NGPU=0 ./launch.sh
+CONFIG=demo NGPU=0 ./launch.sh ${EXTRA[@]+"${EXTRA[@]}"}
 
 step 4 "evaluate the last checkpoint in four views on the val shards (2 processes, gloo)"
 rm -f "$EVAL"/predictions_*.json

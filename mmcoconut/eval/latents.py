@@ -5,7 +5,7 @@ Thought t (1-based) of a coconut prompt is the last hidden state that becomes th
 column t: for t = 1 the hidden state over START (after image and question), then the hidden state computed at
 latent column t - 1. With c_thought = c, thoughts (j-1)c+1 .. jc replace step j. For each thought:
 `topk` = softmax(lm_head(h)) top tokens with probabilities; `cos` = cosine similarity of h with the input
-embedding (wte row) of every token of the step it replaced (the step as training tokenizes it: step + "\\n").
+embedding (row of the input embedding table) of every token of the step it replaced (the step as training tokenizes it: step + "\\n").
 Used by tools/inspect_latents.py.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ def decode_thoughts(model, tokenizer, row: dict, steps: list[str], c_thought: in
     px = row["pixel_values"][None].to(dev, next(model.parameters()).dtype)
     st = model._multipass(ids.to(dev), mask.to(dev), px, None, dummy_latent, sync=False)
     hidden = st.hidden[0, lat[0] - 1: lat[0] - 1 + len(lat)].float()  # thought t feeds latent column lat[t-1]
-    probs = F.softmax(model.lm.lm_head(hidden.to(st.hidden.dtype)).float(), -1)
-    wte = model.lm.transformer.wte.weight.float()
+    probs = F.softmax(model.lm.get_output_embeddings()(hidden.to(st.hidden.dtype)).float(), -1)
+    wte = model.lm.get_input_embeddings().weight.float()
     out = []
     for t, (h, p) in enumerate(zip(hidden, probs)):
         j = t // c_thought

@@ -2,7 +2,7 @@
 one self-contained `save_pretrained` directory, and loading it back.
 
 Export layout (MMCoconutForConditionalGeneration.save_pretrained, see mmcoconut/modeling/):
-  config.json                 MMCoconutConfig: GPT-2 + CLIP vision configs, projector, special ids, image-token mode,
+  config.json                 MMCoconutConfig: LM + vision-tower configs, projector, special ids, image-token mode,
                               curriculum, the resolved run config (paths made portable), auto_map
   model.safetensors           every weight (language model, vision tower, projector), fp32
   tokenizer.json, tokenizer_config.json, preprocessor_config.json, processor_config.json
@@ -24,7 +24,7 @@ from typing import Optional
 from .. import kernels  # noqa: F401  (importing it plugs the fused injection op into the loaded model)
 from .ds_checkpoint import checkpoint_config, consolidated_state_dict, find_checkpoint, load_checkpoint
 
-TIED = ("lm.lm_head.weight",)  # tied to lm.transformer.wte.weight
+TIED = ("lm.lm_head.weight",)  # tied to the LM's input embedding table (when its config ties them)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -57,12 +57,17 @@ def hf_config(model, cfg, eval_results: Optional[dict] = None):
     c = cfg.curriculum
     return MMCoconutConfig(
         text_config=text, vision_config=vision, projector=cfg.model.projector, image_tokens=model.image_tokens,
-        vision_layer=model.vision_layer, freeze_vision=model.freeze_vision, special_ids=dataclasses.asdict(model.ids),
+        vision_layer=model.vision_layer, freeze_vision=model.freeze_vision, special_ids=_special_ids(model.ids),
         c_thought=c.c_thought, max_latent_stage=c.max_latent_stage, pad_latent_to_max=c.pad_latent_to_max,
         coconut=c.coconut, no_cot=c.no_cot, answer_max_new_tokens=cfg.eval.max_new_tokens,
         dummy_latent=cfg.eval.dummy_latent, latent_scale=model.latent_scale, run_config=portable(cfg.to_dict()),
         eval_results=eval_results,
         mmcoconut_version=mmcoconut.__version__)
+
+
+def _special_ids(ids) -> dict:
+    """SpecialIds as the config stores them (an unset optional id, e.g. bos for GPT-2, is left out)."""
+    return {k: v for k, v in dataclasses.asdict(ids).items() if v is not None}
 
 
 def to_hf(model, tokenizer, image_processor, cfg, eval_results: Optional[dict] = None):

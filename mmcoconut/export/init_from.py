@@ -2,8 +2,9 @@
 
 Accepted: an mmcoconut export, a DeepSpeed checkpoint (run dir, root or tag dir; any ZeRO stage), or a torch
 state-dict file (`torch.save(model.state_dict())`) of an MMCoconut (keys `lm.*`, `vision.*`, `projector.*`, optionally
-prefixed `module.` or `model.`) or of a GPT-2 language model alone (keys `transformer.*` / `lm_head.*`, or upstream
-Coconut's `base_causallm.*`), which then initialises only the language model. Shapes must match the model built from
+prefixed `module.` or `model.`) or of a language model alone (GPT-2's keys `transformer.*` / `lm_head.*`, Llama /
+Qwen2 / Mistral's `model.*` / `lm_head.*`, or upstream Coconut's `base_causallm.*`), which then initialises only the
+language model. Shapes must match the model built from
 the run config (same base models, special tokens included); anything else is one error naming the file and keys.
 Not applied when the run resumes from its own checkpoint (that checkpoint has the weights).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 TIED = {"lm.lm_head.weight"}
-LM_ONLY_PREFIXES = ("transformer.", "lm_head.")
+MMCOCONUT_PREFIXES = ("lm.", "vision.", "projector.")
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
@@ -44,13 +45,13 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"model.init_from {p}: no such file or directory")
     out = {}
     for k, v in sd.items():
-        for prefix in ("module.", "model."):  # DeepSpeed / DDP wrapper, the Hugging Face export's wrapper
+        for prefix in ("module.", "base_causallm."):  # DeepSpeed / DDP wrapper, upstream Coconut's wrapper
             if k.startswith(prefix):
                 k = k[len(prefix):]
-        if k.startswith("base_causallm."):  # upstream Coconut's wrapper around the LM
-            k = k[len("base_causallm."):]
         out[k] = v.float() if torch.is_floating_point(v) else v
-    if out and all(k.startswith(LM_ONLY_PREFIXES) for k in out):
+    if any(k.startswith(tuple("model." + p for p in MMCOCONUT_PREFIXES)) for k in out):  # the HF export's wrapper
+        out = {k[len("model."):] if k.startswith("model.") else k: v for k, v in out.items()}
+    if out and not any(k.startswith(MMCOCONUT_PREFIXES) for k in out):  # a language model alone
         out = {f"lm.{k}": v for k, v in out.items()}
     return out
 

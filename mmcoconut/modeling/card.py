@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+LM_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+VISION_NAMES = {"clip_vision_model": "CLIP vision", "siglip_vision_model": "SigLIP vision"}
+
 
 def _hub_id(ref) -> bool:
     """'gpt2' / 'openai/clip-vit-base-patch32' are Hub ids; local dirs are recorded as 'local:...' by the export."""
@@ -43,15 +46,17 @@ def render(config) -> str:
         meta += [f"- {b}" for b in bases]
     meta.append("---")
     t, v = config.text_config, config.vision_config
+    lm_name = LM_NAMES.get(t.model_type, t.model_type)
+    vision_name = VISION_NAMES.get(v.model_type, v.model_type)
     lines = [
         f"# {name}", "",
-        "A multimodal [Coconut](https://arxiv.org/abs/2412.06769) model trained with mmcoconut: GPT-2 reads CLIP "
-        "image features and a question, reasons in continuous "
+        f"A multimodal [Coconut](https://arxiv.org/abs/2412.06769) model trained with mmcoconut: {lm_name} reads "
+        f"{vision_name.split()[0]} image features and a question, reasons in continuous "
         "latent thoughts (its last hidden state fed back as the next input), then answers.", "",
         "## Base models", "",
-        f"- language model: `{model.get('lm_id', '?')}` (GPT-2, {t.n_layer} layers, {t.n_embd} wide, "
-        f"vocabulary {t.vocab_size} incl. the latent tokens)",
-        f"- vision tower: `{model.get('vision_id', '?')}` (CLIP vision, {v.num_hidden_layers} layers, image "
+        f"- language model: `{model.get('lm_id', '?')}` ({lm_name}, {t.num_hidden_layers} layers, {t.hidden_size} "
+        f"wide, vocabulary {t.vocab_size} incl. the latent tokens)",
+        f"- vision tower: `{model.get('vision_id', '?')}` ({vision_name}, {v.num_hidden_layers} layers, image "
         f"{v.image_size} px, {'frozen' if config.freeze_vision else 'tuned'}), "
         f"{config.num_image_tokens} image token(s) ({config.image_tokens}), projector `{config.projector}`", "",
         "## Training data", "",

@@ -1,31 +1,47 @@
-"""MMCoconutConfig: the Hugging Face config of an MMCoconut model (GPT-2 + CLIP vision + projector + latents).
+"""MMCoconutConfig: the Hugging Face config of an MMCoconut model (causal LM + vision tower + projector + latents).
 
 Shipped inside every export (imports only transformers): `AutoConfig.from_pretrained(export, trust_remote_code=True)`.
 """
 from __future__ import annotations
 
-from transformers import CLIPVisionConfig, GPT2Config, PretrainedConfig
+from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
 
+from .families import UnsupportedBackbone, lm_family, vision_config as vision_tower_config
 from .vision import num_image_tokens
 
 SPECIAL_ID_NAMES = ("image", "start", "latent", "end", "pad", "eos")
+OPTIONAL_ID_NAMES = ("bos",)  # absent in exports of GPT-2 models and of older mmcoconut versions
+
+try:  # transformers >= 5.20 declares sub-configs as specs (an AutoConfig spec needs its default model_type)
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:
+    SubConfigSpec = None
 
 
-def _sub_config(value, cls):
+def _sub_config(value, default_cls, where: str):
+    """A sub-config from a config, a dict (its model_type picks the class; none: `default_cls`, as in exports
+    written before other backbones were supported) or None (the default)."""
     if value is None:
-        return cls()
+        return default_cls()
     if isinstance(value, dict):
-        value = {k: v for k, v in value.items() if k != "model_type"}
-        return cls(**value)
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        value = dict(value)
+        mt = value.pop("model_type", None) or default_cls.model_type
+        if mt not in CONFIG_MAPPING:
+            raise UnsupportedBackbone(f"MMCoconutConfig.{where}: unknown model_type {mt!r}")
+        return CONFIG_MAPPING[mt](**value)
     return value
 
 
 class MMCoconutConfig(PretrainedConfig):
     """Everything needed to rebuild the model without its training config.
 
-    text_config / vision_config: the GPT-2 (vocabulary already resized for the special tokens) and CLIP vision
-    configs. projector, image_tokens ("pooled" | "patches"), vision_layer, freeze_vision: as in the run config's
-    `model` section, and latent_scale (how a fed-back hidden state is scaled). special_ids: token ids of <image>, <|start-latent|>, <|latent|>, <|end-latent|>, pad, eos.
+    text_config / vision_config: the language model's config (GPT-2, Llama, Qwen2 or Mistral; vocabulary already
+    resized for the special tokens) and the vision tower's (CLIP or SigLIP vision). projector, image_tokens
+    ("pooled" | "patches"), vision_layer, freeze_vision: as in the run config's `model` section, and latent_scale
+    (how a fed-back hidden state is scaled). special_ids: token ids of <image>, <|start-latent|>, <|latent|>,
+    <|end-latent|>, pad, eos (and bos for tokenizers that begin every sequence with it).
     c_thought, max_latent_stage, pad_latent_to_max, coconut, no_cot: the curriculum the model was trained with
     (the default number of latents at inference is max_latent_stage * c_thought). answer_max_new_tokens,
     dummy_latent: inference defaults. run_config: the resolved training config (paths made portable),
@@ -33,16 +49,20 @@ class MMCoconutConfig(PretrainedConfig):
     """
 
     model_type = "mmcoconut"
-    sub_configs = {"text_config": GPT2Config, "vision_config": CLIPVisionConfig}  # transformers < 5.20 spelling
-    sub_configs_defaults = {"text_config": GPT2Config, "vision_config": CLIPVisionConfig}
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}  # transformers < 5.20 spelling
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {"text_config": SubConfigSpec(AutoConfig, model_type="gpt2"),
+                                "vision_config": SubConfigSpec(AutoConfig, model_type="clip_vision_model")}
 
     def __init__(self, text_config=None, vision_config=None, projector="mlp2x_gelu", image_tokens="pooled",
                  vision_layer=-2, freeze_vision=True, special_ids=None, c_thought=1, max_latent_stage=0,
                  pad_latent_to_max=False, coconut=True, no_cot=False, answer_max_new_tokens=64,
                  dummy_latent="zeros", run_config=None, eval_results=None, mmcoconut_version=None,
                  latent_scale="none", **kwargs):
-        self.text_config = _sub_config(text_config, GPT2Config)
-        self.vision_config = _sub_config(vision_config, CLIPVisionConfig)
+        self.text_config = _sub_config(text_config, GPT2Config, "text_config")
+        self.vision_config = _sub_config(vision_config, CLIPVisionConfig, "vision_config")
+        lm_family(self.text_config, "MMCoconutConfig.text_config")
+        vision_tower_config(self.vision_config, "MMCoconutConfig.vision_config")
         self.projector = projector
         self.image_tokens = image_tokens
         self.vision_layer = vision_layer
@@ -61,9 +81,9 @@ class MMCoconutConfig(PretrainedConfig):
         self.mmcoconut_version = mmcoconut_version
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", True))
         super().__init__(**kwargs)
-        if self.special_ids is not None and set(self.special_ids) != set(SPECIAL_ID_NAMES):
-            raise ValueError(f"MMCoconutConfig.special_ids must have the keys {SPECIAL_ID_NAMES}, "
-                             f"got {sorted(self.special_ids)}")
+        if self.special_ids is not None and set(self.special_ids) - set(OPTIONAL_ID_NAMES) != set(SPECIAL_ID_NAMES):
+            raise ValueError(f"MMCoconutConfig.special_ids must have the keys {SPECIAL_ID_NAMES} (and optionally "
+                             f"{OPTIONAL_ID_NAMES}), got {sorted(self.special_ids)}")
 
     @property
     def num_image_tokens(self) -> int:

@@ -12,13 +12,16 @@ Per-row stopping: a row that emitted EOS keeps feeding the pad token with attent
 until all rows are done or max_new_tokens is reached. With sharded weights (the engine installs `model.agree_stop`)
 the "stop" decision is agreed so ranks make the same number of LM calls (and the prompt's pass count through
 `model.agree_pass_count`).
-Generation also stops before positions would exceed the LM's n_positions.
+Generation also stops before positions would exceed the LM's longest position (GPT-2's n_positions, else
+max_position_embeddings); with a sliding-window LM (Mistral), a prompt + budget longer than the window is refused.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from .families import check_window, max_positions
 
 
 def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,8 +43,8 @@ def _all_stop(model, stop: bool) -> bool:
 
 
 def _budget(model, last_pos: torch.Tensor, max_new_tokens: int) -> int:
-    """max_new_tokens capped so that no position exceeds the LM's n_positions - 1."""
-    limit = getattr(model.lm.config, "n_positions", None)
+    """max_new_tokens capped so that no position exceeds the LM's longest position - 1."""
+    limit = max_positions(model.lm.config)
     if limit is None or last_pos.numel() == 0:
         return max_new_tokens
     return max(0, min(max_new_tokens, limit - 1 - int(last_pos.max())))
@@ -71,10 +74,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel
     sync = model.agree_stop is not None
     if B == 0 or (steps == 0 and not sync):
         return [[] for _ in range(B)]
+    check_window(model.lm.config, input_ids.shape[1] + steps, "a generation (prompt + max_new_tokens)")
     st = model._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent)
     eos, pad = model.ids.eos, model.ids.pad
-    top = (getattr(model.lm.config, "n_positions", None) or 2**62) - 1
-    logits = model.lm.lm_head(st.hidden[rows, last])
+    top = (max_positions(model.lm.config) or 2**62) - 1
+    head = model.lm.get_output_embeddings()
+    logits = head(st.hidden[rows, last])
     mask, pos = st.mask, last_pos[:, None]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens, step, nxt = [], 0, torch.full((B,), eos, dtype=torch.long, device=input_ids.device)
@@ -89,7 +94,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel
         mask = torch.cat([mask, (~done).long()[:, None]], 1)
         pos = (pos + 1).clamp_max(top)
         h = model._run_lm(model._embed(feed, None, None), mask, pos, st.cache)
-        logits = model.lm.lm_head(h[:, -1])
+        logits = head(h[:, -1])
         step += 1
     return _finish(tokens, eos)
 

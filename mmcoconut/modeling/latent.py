@@ -1,5 +1,6 @@
-"""MMCoconut: GPT-2 reading CLIP image tokens and thinking in continuous latent tokens (Coconut).
+"""MMCoconut: a causal LM reading vision-tower image tokens and thinking in continuous latent tokens (Coconut).
 
+Backbones: GPT-2, Llama, Qwen2, Mistral LMs; CLIP or SigLIP towers (what differs per family: families.py).
 Multi-pass forward with a KV cache (Coconut semantics). The loader aligns rows so latent j of every row sits at
 column L0 + j. With n = max latents in the batch (MAX over ranks through `agree_pass_count`, which a multi-rank
 engine installs so that every rank makes the same number of LM calls, as sharded weights require), the LM runs
@@ -9,8 +10,9 @@ n + 1 times:
     pass i (1..n-1) column  L0 + i - 1 (latent i - 1)    filled with the last hidden state of column L0 + i - 2
     pass n          columns [L0 + n - 1, T)              latent n - 1 filled likewise, then the rest
 
-Latent j (column L0 + j) receives the last-layer (post ln_f) hidden state of column L0 + j - 1, for rows that have
-more than j latents; other rows keep their ordinary token embedding there. Every pass reuses the cache of the
+Latent j (column L0 + j) receives the last-layer hidden state (after the final norm; upstream Coconut's
+`hidden_states[-1]`) of column L0 + j - 1, for rows that have more than j latents; other rows keep their ordinary
+token embedding there. Every pass reuses the cache of the
 previous ones, so each column is computed once. A batch without latents while n > 0 (another rank has some) is split
 at T - n the same way. Gradients flow through the latent chain (nothing is detached).
 
@@ -20,8 +22,10 @@ so `forward` with a plan reads no device data. All token columns are embedded on
 only writes its latent rows into its slice (torch.where). The KV cache is static (kvcache.py): preallocated
 buffers written in place; activation memory per pass = its own columns' activations plus no K/V copies.
 `enable_compile` compiles the per-pass LM call (torch.compile; CUDA graphs for the one-column passes). In eager
-training the Conv1D weight gradients of all passes are summed in place into one buffer per weight (wgrad.py;
-`deferred_wgrad`, train.deferred_wgrad): one weight gradient per micro-batch, as for the embedding table.
+training the weight gradients of the decoder's projections (Conv1D or nn.Linear) over all passes are summed in place
+into one buffer per weight (wgrad.py; `deferred_wgrad`, train.deferred_wgrad): one weight gradient per micro-batch,
+as for the embedding table. `set_gradient_checkpointing` checkpoints every decoder-layer call of every pass
+(non-reentrant; the cache is written by commit() outside the LM call, so a recomputed layer writes nothing).
 Nothing here knows a distributed engine: the engine installs `agree_pass_count`, `agree_stop` and `gather_param`.
 """
 from __future__ import annotations
@@ -37,16 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tokens import SpecialIds
+from .families import (check_window, decoder_layers, kv_geometry, lm_family, refuse_reentrant, set_checkpointing,
+                       weight_grad_modules)
 from .inject import inject_embeddings
 from .kvcache import StaticKV, install as install_kv_hook
 from .pass_plan import LatentPlan, Layout, plan_batch
 from .vision import encode_images
-from .wgrad import conv1d_modules, deferred_weight_grads
+from .wgrad import deferred_weight_grads
 
 
 IGNORE = -100
 DUMMY_MODES = (None, "zeros", "random")
-LATENT_SCALES = ("none", "embedding")  # model.latent_scale: the fed-back hidden state as is | at the wte row norm
+LATENT_SCALES = ("none", "embedding")  # model.latent_scale: the fed-back hidden state as is | at the embedding row norm
 DEBUG = os.environ.get("MMCOCONUT_DEBUG") == "1"  # re-plan from input_ids and compare with a given latent_plan
 COMPILE_BUCKET = 64  # with enable_compile, sequence buffers are padded to a multiple of this (few distinct shapes)
 
@@ -79,11 +85,13 @@ class MMCoconut(nn.Module):
         self.lm, self.vision, self.projector = lm, vision, projector
         self.ids, self.n_image_tokens = ids, n_image_tokens
         self.image_tokens, self.vision_layer, self.freeze_vision = image_tokens, vision_layer, freeze_vision
-        self._cache_kw = "cache" if "cache" in inspect.signature(lm.transformer.forward).parameters \
+        self.family = lm_family(lm.config)
+        self._cache_kw = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters \
             else "past_key_values"
         self._compiled: dict = {}  # enable_compile: "multi"/"one" -> compiled per-pass LM call
         self.deferred_wgrad = deferred_wgrad  # eager multi-pass training: one in-place weight-gradient buffer
-        self._conv1d = conv1d_modules(lm)
+        self._wgrad_modules = weight_grad_modules(lm)
+        self._decoder_layers = decoder_layers(lm)  # a plain list: not registered, the state_dict is unchanged
         install_kv_hook(lm)
         # Set by a training engine that runs several ranks (mmcoconut.train); None: one process, nothing to agree.
         self.agree_pass_count: Optional[Callable[[int], int]] = None  # MAX of a local pass count over the ranks
@@ -111,7 +119,7 @@ class MMCoconut(nn.Module):
     def _embed(self, input_ids: torch.Tensor, sources: Optional[torch.Tensor],
                source_index: Optional[torch.Tensor]) -> torch.Tensor:
         """THE input-embedding function: row = sources[idx] if idx >= 0 else wte[id] (mmcoconut.kernels op)."""
-        w = self.lm.transformer.wte.weight
+        w = self.lm.get_input_embeddings().weight
         if self.gather_param is not None:  # a sharded table read here, outside its module's forward
             self.gather_param(w)
         if sources is None or source_index is None:
@@ -120,7 +128,7 @@ class MMCoconut(nn.Module):
         return inject_embeddings(input_ids, w, sources.to(w.dtype), source_index)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] -> projected image tokens [B, n_img, n_embd]."""
+        """[B,3,H,W] -> projected image tokens [B, n_img, D] (D: the LM's hidden size)."""
         if self.freeze_vision:
             with torch.no_grad():
                 feats = encode_images(self.vision, pixel_values, self.image_tokens, self.vision_layer)
@@ -174,18 +182,18 @@ class MMCoconut(nn.Module):
             raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy!r}")
         if self.latent_scale == "none":
             return out
-        w = self.lm.transformer.wte.weight
+        w = self.lm.get_input_embeddings().weight
         target = w.detach().float().norm(dim=-1).mean()
         return (out.float() * (target / out.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))).to(out.dtype)
 
     def _lm_call(self, emb, mask, pos, kv):
         """One pass of the LM over new columns `emb` with the static cache `kv` (4-D bool mask)."""
-        return self.lm.transformer(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False,
-                                   mmc=kv).last_hidden_state
+        return self.lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False,
+                                  mmc=kv).last_hidden_state
 
     def _lm_call_one(self, emb, mask, pos, kv):  # same, a distinct code object for the one-column compile
-        return self.lm.transformer(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False,
-                                   mmc=kv).last_hidden_state
+        return self.lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False,
+                                  mmc=kv).last_hidden_state
 
     def enable_compile(self, mode: Optional[str] = None, backend: str = "inductor") -> None:
         """torch.compile the per-pass LM calls with fullgraph=True (a graph break is an error, not a slow path; not
@@ -212,8 +220,8 @@ class MMCoconut(nn.Module):
 
     def _run_lm(self, embeds, attention_mask, position_ids, cache):
         kw = {self._cache_kw: cache} if cache is not None else {}
-        out = self.lm.transformer(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=cache is not None, **kw)
+        out = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=cache is not None, **kw)
         return out.last_hidden_state
 
     # ------------------------------------------------------------------------------------ multi-pass
@@ -229,9 +237,7 @@ class MMCoconut(nn.Module):
         """
         if dummy_latent not in DUMMY_MODES:
             raise ValueError(f"dummy_latent must be one of {DUMMY_MODES}, got {dummy_latent!r}")
-        if self.lm.transformer.gradient_checkpointing and self.training:
-            raise ValueError("MMCoconut's KV-cached multi-pass forward is incompatible with HF gradient "
-                             "checkpointing (it drops the cache); disable it")
+        self._check_checkpointing()
         latent_plan = self._resolve_plan(input_ids, latent_plan, pixel_values)
         n_latent = latent_plan.m_local
         n = self.agree_pass_count(n_latent) if sync and self.agree_pass_count else n_latent
@@ -247,8 +253,9 @@ class MMCoconut(nn.Module):
         cols = torch.arange(length, device=device)
         causal = (cols[None, :] <= cols[:, None])[None, None] & is_real[:, None, None, :]  # [B,1,Tp,Tp] & padding
         causal_before = (cols[None, :] < cols[:, None])[None, None] & is_real[:, None, None, :]  # history only
-        cfg = self.lm.config
-        kv = StaticKV(cfg.n_layer, batch, cfg.n_head, length, cfg.n_embd // cfg.n_head, emb.dtype, device)
+        check_window(self.lm.config, length)
+        geo = kv_geometry(self.lm.config)  # K/V heads: fewer than query heads under GQA
+        kv = StaticKV(geo.n_layer, batch, geo.n_kv_heads, length, geo.head_dim, emb.dtype, device)
         # has_latent[i, b]: row b has a latent i (rows with fewer latents keep their token embedding there)
         has_latent = latent_plan.latent_counts[None, :] > torch.arange(n_latent, device=device)[:, None]
         pass_hidden, prev_last, final = [], None, len(layout.bounds) - 1
@@ -262,15 +269,15 @@ class MMCoconut(nn.Module):
                         rows = rows & (cols[:width] == 0)[None, :, None]
                     fill = self._fill(prev_last, dummy_latent).to(pass_emb.dtype)[:, None]
                     pass_emb = torch.where(rows, fill, pass_emb)
-                one_column = pass_idx > 0 and width == 1
+                one_column, own = pass_idx > 0 and width == 1, None
                 if pass_idx == 0:
                     pass_mask = causal[:, :, :end, :end]
                 elif one_column:
                     pass_mask = causal_before[:, :, start:end]
-                    kv.own = is_real[:, start, None, None, None]
+                    own = is_real[:, start, None, None, None]
                 else:
                     pass_mask = causal[:, :, start:end]
-                hidden = self._lm_pass_fn(one_column, device)(pass_emb, pass_mask, pos[:, start:end], kv)
+                hidden = self._lm_pass_fn(one_column, device)(pass_emb, pass_mask, pos[:, start:end], kv.open(own))
                 if pass_idx < final or return_cache:
                     kv.commit(start, end)
                 pass_hidden.append(hidden)
@@ -280,13 +287,30 @@ class MMCoconut(nn.Module):
         return _State(hidden, mask, pos[:, :latent_plan.T], cache, len(layout.bounds))
 
     def _wgrad_context(self, multi: bool):
-        """Deferred Conv1D weight gradients (wgrad.py) for a multi-pass forward that will be back-propagated;
-        not under torch.compile (enable_compile). An engine with sharded weights turns `deferred_wgrad` off."""
-        on = multi and self.deferred_wgrad and torch.is_grad_enabled() and not self._compiled
-        return deferred_weight_grads(self._conv1d) if on else contextlib.nullcontext()
+        """Deferred projection weight gradients (wgrad.py) for a multi-pass forward that will be back-propagated;
+        not under torch.compile (enable_compile) nor gradient checkpointing (a recomputed layer must run the
+        forward it first ran). An engine with sharded weights turns `deferred_wgrad` off."""
+        on = multi and self.deferred_wgrad and torch.is_grad_enabled() and not self._compiled \
+            and not self.gradient_checkpointing
+        return deferred_weight_grads(self._wgrad_modules) if on else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------ gradient checkpointing
+    def set_gradient_checkpointing(self, on: bool = True) -> None:
+        """Checkpoint each decoder-layer call of every pass (families.set_checkpointing: non-reentrant; kept per
+        layer and pass: its input). Turns deferred weight gradients off while on."""
+        set_checkpointing(self._decoder_layers, on)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the LM's decoder layers checkpoint (ours or set through HF's API)."""
+        return any(layer.gradient_checkpointing for layer in self._decoder_layers)
+
+    def _check_checkpointing(self) -> None:
+        if self.training and torch.is_grad_enabled() and self.gradient_checkpointing:
+            refuse_reentrant(self._decoder_layers)
 
     def _output(self, hidden, labels, n_passes) -> MMCoconutOutput:
-        logits = self.lm.lm_head(hidden)
+        logits = self.lm.get_output_embeddings()(hidden)
         loss = None
         if labels is not None:
             lbl = labels[:, 1:].reshape(-1)

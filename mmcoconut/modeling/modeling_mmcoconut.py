@@ -15,8 +15,9 @@ import tempfile
 from typing import Optional
 
 import torch
-from transformers import CLIPVisionModel, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .families import lm_family, vision_model_class
 from .latent import MMCoconut
 from .projector import build_projector
 from .tokens import SpecialIds
@@ -38,12 +39,12 @@ class MMCoconutPreTrainedModel(PreTrainedModel):
     config_class = MMCoconutConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False  # the KV-cached multi-pass forward needs the cache
-    _no_split_modules = ["GPT2Block", "CLIPEncoderLayer"]
+    supports_gradient_checkpointing = False  # MMCoconut.set_gradient_checkpointing (non-reentrant) instead
+    _no_split_modules = ["GPT2Block", "CLIPEncoderLayer"]  # per instance: the backbones' own
 
 
 class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel):
-    _tied_weights_keys = {"model.lm.lm_head.weight": "model.lm.transformer.wte.weight"}
+    _tied_weights_keys = {"model.lm.lm_head.weight": "model.lm.transformer.wte.weight"}  # per instance: the LM's
 
     def __init__(self, config: MMCoconutConfig, model: Optional[MMCoconut] = None):
         super().__init__(config)
@@ -51,16 +52,22 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel):
         if not wrapped:
             if config.special_ids is None:
                 raise ValueError("MMCoconutConfig.special_ids is not set (build the config from a trained model)")
-            lm = GPT2LMHeadModel(config.text_config)
-            vision = CLIPVisionModel(config.vision_config)
+            lm_family(config.text_config, "MMCoconutConfig.text_config")
+            lm = AutoModelForCausalLM.from_config(config.text_config)
+            vision = vision_model_class(config.vision_config)(config.vision_config)
             if config.freeze_vision:
                 vision.requires_grad_(False)
-            projector = build_projector(config.projector, config.vision_config.hidden_size, config.text_config.n_embd)
+            projector = build_projector(config.projector, config.vision_config.hidden_size,
+                                        config.text_config.hidden_size)
             model = MMCoconut(lm, vision, projector, SpecialIds(**config.special_ids), config.num_image_tokens,
                               image_tokens=config.image_tokens, vision_layer=config.vision_layer,
                               freeze_vision=config.freeze_vision,
                               latent_scale=getattr(config, "latent_scale", "none"))
         self.model = model
+        tied = getattr(model.lm, "_tied_weights_keys", None)  # e.g. {"lm_head.weight": "model.embed_tokens.weight"}
+        if isinstance(tied, dict):
+            self._tied_weights_keys = {f"model.lm.{k}": f"model.lm.{v}" for k, v in tied.items()}
+        self._no_split_modules = [*(model.lm._no_split_modules or []), *(model.vision._no_split_modules or [])]
         self.processor: Optional[MMCoconutProcessor] = None
         if wrapped:  # trained weights: HF's post_init must not initialise them (it skips init on the meta device)
             with torch.device("meta"):

@@ -1,6 +1,7 @@
 """The prompt and answer format, in one place (pure Python: shipped inside Hugging Face exports).
 
-A sequence is `[<image>] * n_img + tok(question + "\\n") [+ START + LATENT * n + END] + steps + tok("### " + answer)`
+A sequence is `[BOS] + [<image>] * n_img + tok(question + "\\n") [+ START + LATENT * n + END] + steps +
+tok("### " + answer)` (BOS only for tokenizers that begin every encoding with one, SpecialIds.bos)
 (docs/internals.md, "Token sequence"). A multiple-choice question carries its choices in the text:
 `question + choices_suffix(choices)` = "... The choices are 0: cat, 1: dog". The data pipeline (data/curriculum.py),
 evaluation (eval/evaluate.py) and the inference processor (processing_mmcoconut.py) all build prompts and read
@@ -44,9 +45,10 @@ def view_latents(view: str, n_latents: int, cot_markers: bool) -> Optional[int]:
 
 
 def prompt_ids(question_ids: list[int], ids, n_image_tokens: int, n_latents: Optional[int]) -> list[int]:
-    """`[<image>] * n_image_tokens + question_ids`, then `START + LATENT * n_latents + END` unless n_latents is
-    None. `ids`: mmcoconut.modeling.tokens.SpecialIds."""
-    out = [ids.image] * n_image_tokens + list(question_ids)
+    """`[BOS] + [<image>] * n_image_tokens + question_ids`, then `START + LATENT * n_latents + END` unless n_latents
+    is None. `ids`: mmcoconut.modeling.tokens.SpecialIds (BOS: ids.bos when not None)."""
+    bos = getattr(ids, "bos", None)
+    out = ([] if bos is None else [bos]) + [ids.image] * n_image_tokens + list(question_ids)
     if n_latents is not None:
         out += [ids.start] + [ids.latent] * n_latents + [ids.end]
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 IMAGE = "<image>"
 START_LATENT = "<|start-latent|>"
@@ -12,7 +13,8 @@ ADDED_TOKENS = (IMAGE, START_LATENT, LATENT, END_LATENT)
 
 
 def add_special_tokens(tokenizer) -> int:
-    """Add the mmcoconut tokens (and a pad token if the tokenizer has none). Idempotent; returns #added."""
+    """Add the mmcoconut tokens (and a pad token if the tokenizer has none, as Llama's). Idempotent; returns
+    #added."""
     missing = [t for t in ADDED_TOKENS if t not in tokenizer.get_vocab()]
     request = {}
     if missing:
@@ -30,6 +32,7 @@ class SpecialIds:
     end: int
     pad: int
     eos: int
+    bos: Optional[int] = None  # begins every sequence when the tokenizer adds one by default (Llama, Mistral)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "SpecialIds":
@@ -41,4 +44,14 @@ class SpecialIds:
                 f"{' pad' if tokenizer.pad_token_id is None else ''}{' eos' if tokenizer.eos_token_id is None else ''}; "
                 "call mmcoconut.modeling.tokens.add_special_tokens(tokenizer) and resize the model's embeddings")
         return cls(image=vocab[IMAGE], start=vocab[START_LATENT], latent=vocab[LATENT], end=vocab[END_LATENT],
-                   pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id)
+                   pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id, bos=leading_bos(tokenizer))
+
+
+def leading_bos(tokenizer) -> Optional[int]:
+    """The BOS id when the tokenizer starts every encoding with it (Llama 3, Mistral; as upstream Coconut's
+    sequences for them begin), else None (GPT-2, Qwen2, SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None

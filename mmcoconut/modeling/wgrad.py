@@ -1,18 +1,19 @@
-"""Deferred weight gradients of GPT-2's Conv1D layers over the multi-pass latent forward.
+"""Deferred weight gradients of the decoder's projections (GPT-2's Conv1D, nn.Linear elsewhere) over the multi-pass
+latent forward.
 
-Every LM pass calls each Conv1D once. Plain autograd gives every call its own weight gradient (x_pᵀ g_p written
-into a fresh [in, out] tensor) and then adds it into the weight's input buffer: two weight-sized writes per pass
+Every LM pass calls each projection once. Plain autograd gives every call its own weight gradient (x_pᵀ g_p written
+into a fresh weight-sized tensor) and then adds it into the weight's input buffer: two weight-sized writes per pass
 and layer, which at B = 8 cost more than the rank-8 product itself (bench/RESULTS.md, "Hot path at GPT-2 124M").
 
-Inside :func:`deferred_weight_grads`, each Conv1D weight goes through `_Gate` (identity; one per weight and
-micro-batch) and the layer's addmm through `_Linear`, whose backward hands (x_p, g_p) to the micro-batch's
-buffers: a wide call (pass 0, the last pass) is multiplied into one gradient buffer per weight in place
-(``addmm_``); the rows of the narrow one-column passes (a few KB against a weight of MBs) are kept and
-multiplied out by one GEMM over all of them. Autograd runs the gate's backward only after every call that used
-the gated weight has run its own, so the gate hands the complete gradient to the weight: its AccumulateGrad (and
-DeepSpeed's gradient hooks on it) run once per micro-batch, at the same point of the backward as without the
-context. The forward is bitwise the same; the weight gradient is the same sum of products, rounded in another
-order. Bias and input gradients are plain autograd's.
+Inside :func:`deferred_weight_grads`, each projection weight goes through `_Gate` (identity; one per weight and
+micro-batch) and the layer's product through `_Proj` (Conv1D: addmm(bias, x, W), W [in, out]; nn.Linear:
+linear(x, W, bias), W [out, in]), whose backward hands its (x_p, g_p) to the micro-batch's buffers: a wide call
+(pass 0, the last pass) is multiplied into one gradient buffer per weight in place (``addmm_``); the rows of the
+narrow one-column passes (a few KB against a weight of MBs) are kept and multiplied out by one GEMM over all of
+them. Autograd runs the gate's backward only after every call that used the gated weight has run its own, so the
+gate hands the complete gradient to the weight: its AccumulateGrad (and DeepSpeed's gradient hooks on it) run once
+per micro-batch, at the same point of the backward as without the context. The forward is bitwise the same; the
+weight gradient is the same sum of products, rounded in another order. Bias and input gradients are plain autograd's.
 Eager only: not for torch.compile (side effects in backward) nor ZeRO-3 (partitioned weights); the caller decides.
 Under autocast (e.g. HF Trainer's mixed precision) the calls stay plain: autograd then owns the dtype casts.
 """
@@ -23,12 +24,14 @@ from functools import partial
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class _Buffers:
-    """One micro-batch's state: the gated weights and, per layer index, the gradient buffer and the stashed
-    (input, grad-output) rows of the narrow calls (one-column passes), multiplied out once by the gate."""
+    """One micro-batch's state: the gated weights and, per layer index, the gradient buffer (= sum of aᵀ b over the
+    calls: Conv1D a = input, b = grad-output; nn.Linear the other way round) and the stashed (a, b) rows of the
+    narrow calls (one-column passes), multiplied out once by the gate."""
 
     def __init__(self):
         self.gated: dict[int, torch.Tensor] = {}
@@ -73,51 +76,50 @@ class _Gate(torch.autograd.Function):
         return None, None, buf
 
 
-class _Linear(torch.autograd.Function):
-    """addmm(bias, x, weight) as GPT-2's Conv1D computes it; the weight gradient goes to the buffers."""
+class _Proj(torch.autograd.Function):
+    """A projection of 2-D rows x: Conv1D's addmm(bias, x, weight) (transposed False) or nn.Linear's
+    linear(x, weight, bias) (transposed True); the weight gradient goes to the buffers."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bufs: _Buffers, key: int):
+    def forward(ctx, x, weight, bias, bufs: _Buffers, key: int, transposed: bool):
         ctx.save_for_backward(x, weight)
-        ctx.bufs, ctx.key = bufs, key
-        return torch.addmm(bias, x, weight)
+        ctx.bufs, ctx.key, ctx.transposed = bufs, key, transposed
+        return F.linear(x, weight, bias) if transposed else torch.addmm(bias, x, weight)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        gx = g.mm(weight.t()) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0]:
+            gx = g.mm(weight) if ctx.transposed else g.mm(weight.t())
+        else:
+            gx = None
         if ctx.needs_input_grad[1]:
-            ctx.bufs.accumulate(ctx.key, x, g)
+            ctx.bufs.accumulate(ctx.key, *((g, x) if ctx.transposed else (x, g)))
         gb = g.sum(0) if ctx.needs_input_grad[2] else None
-        return gx, None, gb, None, None
+        return gx, None, gb, None, None, None
 
 
-def _conv1d_forward(module: nn.Module, bufs: _Buffers, key: int, x: torch.Tensor) -> torch.Tensor:
+def _proj_forward(module: nn.Module, bufs: _Buffers, key: int, x: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and module.weight.requires_grad) or torch.is_autocast_enabled(x.device.type):
         return type(module).forward(module, x)  # nothing to defer; under autocast plain autograd keeps the casts
     w = bufs.gated.get(key)
     if w is None:
         w = bufs.gated[key] = _Gate.apply(bufs, key, module.weight)
-    size_out = x.size()[:-1] + (module.nf,)
-    return _Linear.apply(x.view(-1, x.size(-1)), w, module.bias, bufs, key).view(size_out)
-
-
-def conv1d_modules(lm: nn.Module) -> list[nn.Module]:
-    """The LM's GPT-2 Conv1D layers (empty for an LM without them: the context is then a no-op)."""
-    from transformers.pytorch_utils import Conv1D
-    return [m for m in lm.modules() if isinstance(m, Conv1D)]
+    linear = isinstance(module, nn.Linear)
+    size_out = x.size()[:-1] + (w.shape[0] if linear else w.shape[1],)
+    return _Proj.apply(x.reshape(-1, x.size(-1)), w, module.bias, bufs, key, linear).view(size_out)
 
 
 @contextmanager
 def deferred_weight_grads(modules: Iterable[nn.Module]):
-    """Within the context, forward calls of these Conv1D modules defer their weight gradient (module doc). The
-    backward may run after the context has exited."""
+    """Within the context, forward calls of these Conv1D / nn.Linear modules defer their weight gradient (module
+    doc). The backward may run after the context has exited."""
     bufs, patched = _Buffers(), []
     try:
         for key, m in enumerate(modules):
             if "forward" in vars(m):  # someone else's instance forward (e.g. an accelerate hook): leave it
                 continue
-            m.forward = partial(_conv1d_forward, m, bufs, key)  # an instance attribute shadows Conv1D.forward
+            m.forward = partial(_proj_forward, m, bufs, key)  # an instance attribute shadows the class forward
             patched.append(m)
         yield
     finally:

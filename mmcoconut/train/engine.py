@@ -21,7 +21,7 @@ FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "l
                  "hysteresis": 2, "min_loss_scale": 1}
 FP16_KNOBS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
 MMCOCONUT_KEY = "mmcoconut"  # run-config switches carried in the resolved ds dict to initialize()
-TRAIN_SWITCHES = ("compile", "deferred_wgrad")  # train.* fields carried to initialize() when not at their default
+TRAIN_SWITCHES = ("compile", "deferred_wgrad", "gradient_checkpointing")  # train.* to initialize() unless default
 
 
 def ds_configs_dir() -> Path:
@@ -211,6 +211,8 @@ def initialize(model, ds: dict, lr_scheduler_factory):
     if opts.get("compile"):
         model.enable_compile()  # train.compile: the per-pass LM calls under torch.compile
     model.deferred_wgrad = opts.get("deferred_wgrad", TrainConfig.deferred_wgrad)  # modeling/wgrad.py
+    if opts.get("gradient_checkpointing"):
+        model.set_gradient_checkpointing(True)  # per decoder layer and pass (non-reentrant); no deferred wgrad
     zero3 = _zero_stage(ds) == 3
     rank_agreement.install(model, stop_together=zero3)
     if zero3:  # deferred weight gradients and the half-precision frozen tower need whole weights
