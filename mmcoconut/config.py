@@ -51,6 +51,7 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement per rank and worker (fewer shards than ranks x workers)
     num_workers: int = 2  # DataLoader worker processes per rank
     overlong: Literal["error", "skip"] = "error"  # what to do with sequences over model.max_length
+    choices_in_question: Optional[bool] = None  # questions list their choices (prompt format); None: from the shards
     max_skip_fraction: Optional[float] = 0.05  # stop when this fraction of training samples was skipped (None: never)
     shard_retries: int = 3  # re-open a shard that fails or breaks mid-stream this often, then skip it (counted)
     shard_retry_wait: float = 1.0  # seconds before the first retry; doubles per retry (jittered, at most 60)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..modeling.prompt import format_question
 from ..modeling.tokens import SpecialIds
 from .curriculum import NoStepsError, OverlongError
 
@@ -154,13 +155,17 @@ class RowBuilder:
                  for k in ("shortest_edge", "height", "width")]
         self.draft = max((v for v in sizes if isinstance(v, int)), default=None)
 
-    @staticmethod
-    def parse(raw: dict) -> dict:
+    def parse(self, raw: dict) -> dict:
+        """The shard json, its question in the run's prompt format (data.choices_in_question: the choice list
+        added or removed; None: as stored)."""
         if "json" not in raw:
             raise KeyError("no .json member")
         sample = json.loads(raw["json"])
-        if not isinstance(sample, dict) or "question" not in sample:
-            raise ValueError("json is not an object with a 'question'")
+        if not isinstance(sample, dict) or not isinstance(sample.get("question"), str):
+            raise ValueError("json is not an object with a 'question' string")
+        choices = sample.get("choices")
+        if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
+            sample["question"] = format_question(sample["question"], choices, self.cfg.data.choices_in_question)
         return sample
 
     def image(self, raw: dict, decode: bool = True):
