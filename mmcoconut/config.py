@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from .seed_config import SEED_KEYS, SeedValueError, check_seed_values, is_translated, seed_target, translate
+from .seed_config import (SEED_KEYS, SeedValueError, check_seed_values, is_translated, seed_defaults, seed_form_keys,
+                          seed_target, translate)
 
 View = Literal["nocot", "cot", "coconut", "dummy"]  # generation views (mmcoconut.eval)
 VIEWS = typing.get_args(View)
@@ -263,7 +264,10 @@ def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
         check_seed_values(data, where)
     except SeedValueError as e:
         raise ConfigError(str(e)) from None
-    later = []
+    # a seed config: what it leaves out has the seed's meaning; cfg.seed_keys / cfg.notes are read by the trainer
+    cfg.seed_keys = getattr(cfg, "seed_keys", set()) | set(seed_form_keys(data, _FLAT))
+    later, notes = seed_defaults(data, _FLAT, where) if where != "command line" else ([], [])
+    cfg.notes = getattr(cfg, "notes", []) + notes
     for key, value in data.items():
         if key in FIELDS and isinstance(value, dict):
             for sub, v in value.items():
@@ -275,6 +279,9 @@ def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
         else:
             _set(cfg, str(key), value, where)
     for key, value in later:
+        if not is_translated(key):  # a seed default (seed_defaults)
+            _set(cfg, key, value, where)
+            continue
         try:
             pairs = translate(key, value, f"{where}: {key}")
         except SeedValueError as e:
