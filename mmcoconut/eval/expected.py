@@ -113,7 +113,7 @@ class _ErrorList:
     def __init__(self, errors: list[str], url: str):
         self.errors, self.url = errors, url
 
-    def handler(self, exn: Exception) -> bool:
+    def handler(self, exn: Exception, n: int = 1) -> bool:  # n: samples lost (ShardReader); the note says it
         self.errors.append(f"{self.url}: {exn}")
         return True
 
