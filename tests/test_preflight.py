@@ -148,6 +148,28 @@ def test_json_given_as_shards_is_sharded_once_into_a_cache(shards, sentinel, cap
     assert len(sentinel) == 4
 
 
+def test_sharding_under_the_trainers_signal_handlers_neither_hangs_nor_stops_the_run(tmp_path):
+    """The trainer installs its stop-signal handlers before pre-flight; the process pool that shards a seed json
+    must not inherit them (its terminate() hung, and each worker's SIGTERM reached the trainer's wakeup pipe as a
+    stop request: exit 75 at the first step, or 143 for the next sharding)."""
+    for d in ("a", "b", "c"):
+        _seed_json(tmp_path / d)
+    code = ("import faulthandler, sys, time\n"
+            "faulthandler.dump_traceback_later(240, exit=True)\n"  # a hang shows where, not just a timeout
+            "from mmcoconut.train.signals import stop_request\n"
+            "from mmcoconut.data.json_cache import shards_for_json\n"
+            "s = stop_request()\n"
+            "for d in sys.argv[1:]:\n"
+            "    shards_for_json(d + '/train.json', 'train', 'data.train_shards')\n"
+            "    time.sleep(1)\n"
+            "print('stop requested:', s.requested)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code] + [str(tmp_path / d) for d in ("a", "b", "c")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "stop requested: False" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
+    assert all((tmp_path / d / "train.shards" / "train-000000.tar").is_file() for d in ("a", "b", "c"))
+
+
 def test_json_that_cannot_be_sharded_names_the_console_script(shards, sentinel, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "1")
     js = _seed_json(tmp_path, bad_image=3)

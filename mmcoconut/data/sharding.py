@@ -75,6 +75,20 @@ def _process(task: tuple[WorkItem, int]) -> tuple[WorkItem, Optional[bytes], Opt
         return item, None, f"unreadable image: {getattr(item.image, 'path', '?')}: {type(exc).__name__}: {exc}"
 
 
+def _default_signals() -> None:
+    """Pool worker initializer: default stop-signal handling and no inherited wakeup fd. A caller with its own
+    handlers (the trainer's, which shards a seed json at start: train/signals.py) would otherwise leave workers that
+    ignore the pool's terminate() (a hang) and write each signal they get into the caller's wakeup pipe."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+
+
 def _ordered_results(tasks: Iterator, workers: int, chunksize: int) -> Iterator:
     """`pool.imap` over `tasks` with at most two windows in flight (plain imap would read the whole input into
     its queue, which matters for millions of synthetic items)."""
@@ -82,7 +96,7 @@ def _ordered_results(tasks: Iterator, workers: int, chunksize: int) -> Iterator:
         yield from map(_process, tasks)
         return
     window = workers * chunksize * 16
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=_default_signals) as pool:
         pending: deque = deque()
         while batch := list(islice(tasks, window)):
             pending.append(pool.imap(_process, batch, chunksize))
