@@ -4,22 +4,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The exact versions CI tests (a lock file): every install step below takes them. Renewed on purpose with `make lock`.
+CONSTRAINTS ?= constraints.txt
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mmcoconut/torch_extensions
 export MMCOCONUT_EXT_DIR ?= $(HOME)/.cache/mmcoconut/extensions
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmcoconut-installed
 
-.PHONY: demo test test-all install clean-demo showcase
+.PHONY: demo test test-all install clean-demo showcase lock
 
 install: $(STAMP)
 	$(BIN)/python -m mmcoconut.cli.build_ops || echo "install: the C++ op did not build (see above); inject_embeddings falls back to the PyTorch reference"
 
-# torch first (never let a later step pick a CUDA build on a CPU machine), then the package with DS_BUILD_OPS=0.
-$(STAMP): pyproject.toml
+# torch first (never let a later step pick a CUDA build on a CPU machine), then the package with DS_BUILD_OPS=0; both
+# pinned by $(CONSTRAINTS) (torch itself by TORCH_SPEC).
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) $(TORCH_SPEC)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	$(BIN)/python -c "import torch, deepspeed, transformers, webdataset; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $@
 
@@ -40,6 +43,11 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q tests
+
+# Renew constraints.txt from .venv after upgrading on purpose (.venv/bin/pip install -U PKG): review the diff, run
+# `make test`, commit it. tools/lock_constraints.py --check says whether .venv matches the file.
+lock:
+	$(BIN)/python tools/lock_constraints.py $(CONSTRAINTS)
 
 clean-demo:
 	rm -rf runs/demo runs/demo-* shards/synthetic models/tiny models/tiny-*

@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from .seed_config import SEED_KEYS, SeedValueError, check_seed_values, is_translated, seed_target, translate
+from .seed_config import (SEED_KEYS, SeedValueError, check_seed_values, is_translated, seed_defaults, seed_form_keys,
+                          seed_target, translate)
 
 View = Literal["nocot", "cot", "coconut", "dummy"]  # generation views (mmcoconut.eval)
 VIEWS = typing.get_args(View)
@@ -51,6 +52,7 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement per rank and worker (fewer shards than ranks x workers)
     num_workers: int = 2  # DataLoader worker processes per rank
     overlong: Literal["error", "skip"] = "error"  # what to do with sequences over model.max_length
+    choices_in_question: Optional[bool] = None  # questions list their choices (prompt format); None: from the shards
     max_skip_fraction: Optional[float] = 0.05  # stop when this fraction of training samples was skipped (None: never)
     shard_retries: int = 3  # re-open a shard that fails or breaks mid-stream this often, then skip it (counted)
     shard_retry_wait: float = 1.0  # seconds before the first retry; doubles per retry (jittered, at most 60)
@@ -263,7 +265,10 @@ def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
         check_seed_values(data, where)
     except SeedValueError as e:
         raise ConfigError(str(e)) from None
-    later = []
+    # a seed config: what it leaves out has the seed's meaning; cfg.seed_keys / cfg.notes are read by the trainer
+    cfg.seed_keys = getattr(cfg, "seed_keys", set()) | set(seed_form_keys(data, _FLAT))
+    later, notes = seed_defaults(data, _FLAT, where) if where != "command line" else ([], [])
+    cfg.notes = getattr(cfg, "notes", []) + notes
     for key, value in data.items():
         if key in FIELDS and isinstance(value, dict):
             for sub, v in value.items():
@@ -275,6 +280,9 @@ def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
         else:
             _set(cfg, str(key), value, where)
     for key, value in later:
+        if not is_translated(key):  # a seed default (seed_defaults)
+            _set(cfg, key, value, where)
+            continue
         try:
             pairs = translate(key, value, f"{where}: {key}")
         except SeedValueError as e:

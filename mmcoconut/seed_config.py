@@ -86,6 +86,34 @@ def describe(key: str) -> str:
     return target if isinstance(target, str) else SEED_KEY_DOCS.get(key, "")
 
 
+def seed_form_keys(data: dict, field_names) -> list[str]:
+    """The keys of `data` that only the seed has (not an mmcoconut field name): `data` is a seed config."""
+    return [k for k in data if k in SEED_KEYS and k not in field_names]
+
+
+def seed_defaults(data: dict, field_names, where: str) -> tuple[list, list[str]]:
+    """What a seed config means by the keys it leaves out: ([(dotted key, value)], [note]). A seed config with
+    neither `coconut` nor `cot` (the seed's cot.yaml, which its CoT script runs) trains CoT only: stage 0, no latents
+    (upstream run.py: stage 0 and no markers for `cot`), not mmcoconut's default Coconut curriculum."""
+    sectioned = data.get("curriculum") if isinstance(data.get("curriculum"), dict) else {}
+    if not seed_form_keys(data, field_names) or {"coconut", "cot"} & (set(data) | set(sectioned)):
+        return [], []
+    return [("curriculum.coconut", False)], [
+        f"{where}: a seed config without coconut/cot keys is the seed's CoT-only mode: curriculum.coconut=false "
+        "(stage 0 only, no latents); add coconut: true for the Coconut curriculum"]
+
+
+def batch_note(ds: dict, world: int, ds_file: str, explicit: bool) -> str:
+    """How the global batch of a seed config (batch_size_training) was derived, for the log."""
+    micro, acc, glob = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
+    how = f"batch_size_training {micro} x {world} rank(s) x gradient_accumulation_steps {acc}"
+    if explicit:
+        return (f"batch: global batch {glob} = {how}, from the ds_config {ds_file} given (its train_batch_size is "
+                "kept unless the seed config sets gradient_accumulation_steps); without --deepspeed it would be "
+                f"the seed's {micro * world} = batch_size_training {micro} x {world} rank(s)")
+    return f"batch: global batch {glob} = {how} (the seed's batch; the ds_config {ds_file} gives ZeRO and precision)"
+
+
 def check_seed_values(data: dict, where: str) -> None:
     """Seed values that contradict each other."""
     if data.get("cot") is True and data.get("coconut") is True:

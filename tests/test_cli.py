@@ -65,6 +65,38 @@ def test_ask_prints_the_answer_and_json(export_dir, tmp_path, capsys):
     assert "not a DeepSpeed checkpoint" in capsys.readouterr().err
 
 
+def test_ask_on_a_run_dir_from_another_directory(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """A run that recorded relative model paths (models/tiny/lm, as the demo config gives them; runs from before
+    paths were recorded absolute): mmcoconut-ask --model <run dir> works from any directory (the run dir's parents
+    are tried), and a path found nowhere is one error naming the key and the path."""
+    import shutil
+    from mmcoconut.cli.ask import main
+    from mmcoconut.config import load_config
+    from mmcoconut.factory import build_model, build_tokenizer
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    for k in ("lm", "vision"):
+        shutil.copytree(tiny_dirs[k], work / "models" / "tiny" / k)
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(data={"model": {"lm_id": "models/tiny/lm", "vision_id": "models/tiny/vision"},
+                            "curriculum": {"c_thought": 1, "max_latent_stage": 1}, "eval": {"max_new_tokens": 4}})
+    tok = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tok)
+    tag = work / "runs" / "demo" / "epoch001"  # a ZeRO-0 checkpoint: the module weights in the model-states file
+    tag.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "client": {"config": cfg.to_dict()}}, tag / "mp_rank_00_model_states.pt")
+    (tag.parent / "latest").write_text("epoch001")
+    monkeypatch.chdir(elsewhere)
+    img = _img(elsewhere / "cat.png")
+    args = ["--model", str(work / "runs" / "demo"), "--image", str(img), "--question", "What color?", "--json"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "answer" in json.loads(capsys.readouterr().out)
+    shutil.move(work / "models", tmp_path / "gone")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model.lm_id") and "models/tiny/lm: no such file or directory" in err[-1], err
+
+
 def test_predict_on_seed_json_and_official_aokvqa_json(export_dir, tmp_path, capsys):
     from mmcoconut.cli.predict import main
     from mmcoconut.modeling.choices import map_to_choice

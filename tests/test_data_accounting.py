@@ -161,3 +161,25 @@ def test_stepsync_lag_flush_and_poison():
     v = last[0].values
     assert set(v) == set(FIELDS) and v["loss_sum"] == 8.0 and v["n_finite"] == 2 and v["tokens"] == 20
     assert v["samples"] == 4 and v["skip_bad_json"] == 3 and v["grad_norm"] == 1.5 and v["stop"] == 0
+
+
+def test_a_lost_shard_counts_as_the_samples_it_held_and_stops_the_run(tmp_path, tiny_tokenizer, tiny_processor):
+    """1 of 6 shards disappears after the start: the loader counts its 6 samples (sizes.json) each time it meets it,
+    not 1, so the trainer's guard (StepLog, data.max_skip_fraction) sees the real loss and stops the run."""
+    spec = shards(tmp_path, n=36, per=6)
+    loaders = []
+    for samples_per_epoch in (None, 36):  # from sizes.json, or set (sizes.json still read for the count)
+        cfg = cfg_for(0)
+        cfg.data.samples_per_epoch, cfg.data.shard_retries = samples_per_epoch, 0
+        loaders.append(StreamingLoader(spec, tiny_tokenizer, tiny_processor, cfg, rank=0, world_size=1,
+                                       micro_batch_size=2, n_image_tokens=1, seed=5))
+    (tmp_path / "train-000003.tar").unlink()
+    for loader in loaders:
+        loader.set_epoch(0)
+        batches = list(loader)
+        lost = loader.skip_counts["unreadable_shard"]
+        assert len(batches) == 18 and lost >= 6 and lost % 6 == 0, lost
+    state, tr = TrainState(), _Tracker()
+    log = StepLog(cfg, state, tr, steps_per_epoch=18, world=1)
+    with pytest.raises(TrainError, match=rf"data: {lost} of {36 + lost} training samples .*unreadable_shard {lost}"):
+        log.take([_rec(18, samples=36, skips=dict(loader.skip_counts), last=True)])

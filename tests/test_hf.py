@@ -125,6 +125,28 @@ def test_answer_batched_equals_one_by_one_and_parses(hf_export):
         hf.answer(images[0], QUESTIONS[0], view="latent")
 
 
+def test_answer_text_is_the_decode_of_the_generated_ids(hf_export):
+    """answer()'s text is exactly the decode of the new token ids (no prompt tail, the first token once), and those
+    ids equal uncached one-by-one generation in every view, the cot view's START END prompt included. (A doubled
+    first word in the cot view, "OneOne kind after...", comes from the ids: a model trained past stage 0 writes its
+    latent-stage continuation after START END; docs/inference.md.)"""
+    from mmcoconut.modeling import MMCoconutForConditionalGeneration, generate_reference
+    out, _, _, _ = hf_export
+    hf = MMCoconutForConditionalGeneration.from_pretrained(out).eval()
+    proc = hf.get_processor()
+    images = [_image(i) for i in range(3)]
+    for view in ("cot", "nocot", "coconut"):
+        got = hf.answer(images, QUESTIONS, choices=CHOICES, view=view)
+        batch = proc(images, QUESTIONS, CHOICES, view=view, n_latents=hf.config.default_n_latents)
+        args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        ids = hf.generate(*args, max_new_tokens=hf.config.answer_max_new_tokens)
+        assert ids == generate_reference(hf.model, *args, max_new_tokens=hf.config.answer_max_new_tokens), view
+        assert [g["text"] for g in got] == [proc.tokenizer.decode(i, skip_special_tokens=True) for i in ids], view
+        assert [g["n_tokens"] for g in got] == [len(i) for i in ids]
+        if view == "cot":
+            assert batch["input_ids"][0, -2:].tolist() == [hf.model.ids.start, hf.model.ids.end]
+
+
 def test_auto_classes_with_mmcoconut_installed(hf_export):
     """Importing mmcoconut.modeling registers the model type: no trust_remote_code needed, the package's classes load."""
     import mmcoconut.modeling

@@ -125,7 +125,7 @@ def test_exact_resume(tmp_path, tiny_tokenizer, tiny_processor, workers):
 
 def test_too_few_shards(tmp_path, tiny_tokenizer, tiny_processor):
     spec = write_shards(tmp_path, [4, 4, 4])
-    with pytest.raises(ValueError, match=r"3 shards for 2 ranks x 2 workers.*maxcount.*resampled"):
+    with pytest.raises(ValueError, match=r"3 shard\(s\) for 2 ranks x 2 workers.*maxcount.*resampled"):
         loader(spec, tiny_tokenizer, tiny_processor, make_cfg(workers=2), world=2)
     L = loader(spec, tiny_tokenizer, tiny_processor, make_cfg(workers=2, resampled=True), world=2)
     assert len(list(L)) == len(L) == 3
@@ -210,6 +210,7 @@ def test_fast_clip_preprocess_matches_processor(tiny_processor):
 
 
 def test_raw_json_shard_spec_says_how_to_shard():
-    # the seed config's train_path points at a raw json list: the error names the make_shards command
-    with pytest.raises(FileNotFoundError, match=r"make_shards.py --json data/aokvqa_train.json"):
+    # a raw json list given as shards (outside the trainer, which shards it itself): the error names the console
+    # script that shards it
+    with pytest.raises(FileNotFoundError, match=r"mmcoconut-shard --json data/aokvqa_train.json"):
         expand_shards("data/aokvqa_train.json")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import re
 import sys
@@ -252,3 +253,24 @@ def test_synthetic_question_without_choice_list(tmp_path):
                              "--no-choices-in-question"]) == 0
     recs = [json.loads(s["json"]) for s in wds.WebDataset(str(tmp_path / "val-000000.tar"), shardshuffle=False)]
     assert [r["question"] for r in recs] == [synthetic.make_record(i, 3)["raw_question"] for i in range(3)]
+
+
+def test_pool_workers_never_run_the_callers_stop_signal_handlers(tmp_path):
+    """A process with the trainer's stop-signal handlers (it shards a seed json at start) creates pools and
+    terminates them at once, before the workers started: every worker dies on terminate() (no hang) and no worker's
+    SIGTERM reaches the caller's wakeup pipe as a stop request. Plain Pool(): both happened."""
+    import subprocess
+
+    code = ("import faulthandler, time\n"
+            "faulthandler.dump_traceback_later(120, exit=True)\n"
+            "from mmcoconut.train.signals import stop_request\n"
+            "from mmcoconut.data import sharding\n"
+            "s = stop_request()\n"
+            "for _ in range(30):\n"
+            "    with sharding._pool(2):\n"
+            "        pass\n"
+            "time.sleep(0.5)\n"
+            "print('stop requested:', s.requested)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and "stop requested: False" in p.stdout, (p.returncode, p.stdout, p.stderr[-3000:])

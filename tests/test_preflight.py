@@ -1,7 +1,7 @@
 """Pre-flight of `python -m mmcoconut.train`: every config problem is one `error:` line with exit code 2, before
 any model is built or process group exists.
 
-The model dirs do not exist, so a run that got past pre-flight would fail differently (and the in-process runs
+The model dirs are empty, so a run that got past pre-flight would fail differently (and the in-process runs
 replace init_distributed / train with a sentinel that records the call)."""
 import re
 import json
@@ -32,6 +32,8 @@ def shards(tmp_path_factory):
     assert ms.main(["--synthetic", "64", "--seed", "0", "--maxcount", "16", *common]) == 0
     assert ms.main(["--synthetic", "8", "--seed", "1", "--split", "val", *common]) == 0
     (d / "nosizes").mkdir()
+    (d / "lm").mkdir()
+    (d / "vision").mkdir()
     shutil.copy(d / "s" / "train-000000.tar", d / "nosizes" / "train-000000.tar")
     for name, (glob_bs, micro, acc) in {"g32_w2": (32, 4, 4), "g32_w1": (32, 4, 8), "g64_m4": (64, 4, 4)}.items():
         base = json.loads((ROOT / "ds_configs" / "zero2_2gpu.json").read_text())
@@ -41,8 +43,8 @@ def shards(tmp_path_factory):
 
 
 def args_for(d, *over, ds="g32_w2"):
-    return ["demo", "--deepspeed", str(d / f"{ds}.json"), "--model.lm_id=/nonexistent/lm",
-            "--model.vision_id=/nonexistent/vision", f"--data.train_shards={d / 's' / 'train'}",
+    return ["demo", "--deepspeed", str(d / f"{ds}.json"), f"--model.lm_id={d / 'lm'}",
+            f"--model.vision_id={d / 'vision'}", f"--data.train_shards={d / 's' / 'train'}",
             f"--data.val_shards={d / 's' / 'val'}", "--data.num_workers=1", f"--logging.run_dir={d / 'run'}",
             "--logging.report_to=none", "--train.precision=fp32", "--train.micro_batch_size=4", *over]
 
@@ -83,7 +85,7 @@ CASES = {
     "no sizes.json": (["--data.train_shards={d}/nosizes"], 1, "no sample count for shard"),
     "fewer samples than one batch per rank": (["--data.samples_per_epoch=4"], 2, "not one batch per rank"),
     "no optimizer step per epoch": (["--data.samples_per_epoch=16"], 2, "not one optimizer step per epoch"),
-    "shards < ranks x workers": (["--data.num_workers=4"], 2, "4 shards for 2 ranks x 4 workers"),
+    "shards < ranks": (["--data.train_shards={d}/s/train-000000.tar"], 2, "1 shard(s) for 2 ranks"),
     "stage beyond the longest step list": (["--curriculum.max_latent_stage=4", "--train.num_epochs=5",
                                             "--curriculum.stage0_epochs=1"], 2,
                                            "reaches stage 4 (curriculum.max_latent_stage=4, train.num_epochs=5) "
@@ -100,15 +102,130 @@ def test_each_error_is_one_line_before_anything_is_built(shards, sentinel, capsy
     assert sentinel == []
 
 
-def test_json_given_as_shards_names_the_command(shards, sentinel, capsys, monkeypatch):
+def _seed_json(root: Path, n: int = 8, bad_image: int | None = None) -> Path:
+    """A seed-format json list (image paths relative to it) with n entries and their PNGs."""
+    from PIL import Image
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        Image.new("RGB", (20, 24), (i * 30 % 256, 90, 40)).save(root / "imgs" / f"{i}.png")
+        entries.append({"image": f"imgs/{'missing' if i == bad_image else i}.png", "question": f"Colour {i}?",
+                        "steps": ["It is red.", "So red."], "answer": "red", "question_id": f"q{i}"})
+    (root / "train.json").write_text(json.dumps(entries))
+    return root / "train.json"
+
+
+def test_json_given_as_shards_is_sharded_once_into_a_cache(shards, sentinel, capsys, monkeypatch, tmp_path):
+    """The seed's train_path: a json list is sharded into <stem>.shards next to it, announced in one line, reused
+    while the json is unchanged; a sharding that was killed leaves nothing the next run trusts."""
     monkeypatch.setenv("WORLD_SIZE", "1")
-    rc = train_main.main(args_for(shards, "--data.train_shards=data/seed_train.json",
-                                  "--data.val_shards=data/seed_val.json", ds="g32_w1"))
-    line = one_error(capsys, rc)
-    assert ("python tools/make_shards.py --json data/seed_train.json --split train --out shards/seed_train, then "
-            "use --data.train_shards=shards/seed_train/train") in line
-    assert ("python tools/make_shards.py --json data/seed_val.json --split val --out shards/seed_val, then use "
-            "--data.val_shards=shards/seed_val/val") in line
+    js = _seed_json(tmp_path)
+    args = args_for(shards, f"--data.train_shards={js}", "--data.val_shards=", "--train.gradient_accumulation_steps=1",
+                    ds="g32_w1")
+    with pytest.raises(Reached):
+        train_main.main(args)
+    out = capsys.readouterr().out
+    assert out.count("sharding it once into") == 1 and f"{tmp_path / 'train.shards'}/" in out, out
+    cache = tmp_path / "train.shards"
+    assert sorted(p.name for p in cache.glob("*.tar")) == ["train-000000.tar"]
+    assert json.loads((cache / "sizes.json").read_text()) == {"train-000000.tar": 8}
+    with pytest.raises(Reached):  # reused: no second sharding
+        train_main.main(args)
+    assert "sharding" not in capsys.readouterr().out
+    # a killed sharding: its temporary dir (even with a fingerprint) is never trusted, and a cache whose json
+    # changed since is rebuilt
+    stale = tmp_path / ".train.shards.tmp-999999"
+    shutil.copytree(cache, stale)
+    js.write_text(json.dumps(json.loads(js.read_text())[:6]))
+    with pytest.raises(Reached):
+        train_main.main(args)
+    assert "sharding it once" in capsys.readouterr().out and not stale.exists()
+    assert json.loads((cache / "sizes.json").read_text()) == {"train-000000.tar": 6}
+    shutil.rmtree(cache)  # killed between removing the old cache and renaming the new one: rebuilt
+    with pytest.raises(Reached):
+        train_main.main(args)
+    assert "sharding it once" in capsys.readouterr().out and (cache / "mmcoconut-cache.json").is_file()
+    assert len(sentinel) == 4
+
+
+def test_sharding_under_the_trainers_signal_handlers_neither_hangs_nor_stops_the_run(tmp_path):
+    """The trainer installs its stop-signal handlers before pre-flight; the process pool that shards a seed json
+    must not inherit them (its terminate() hung, and each worker's SIGTERM reached the trainer's wakeup pipe as a
+    stop request: exit 75 at the first step, or 143 for the next sharding)."""
+    for d in ("a", "b", "c"):
+        _seed_json(tmp_path / d)
+    code = ("import faulthandler, sys, time\n"
+            "faulthandler.dump_traceback_later(240, exit=True)\n"  # a hang shows where, not just a timeout
+            "from mmcoconut.train.signals import stop_request\n"
+            "from mmcoconut.data.json_cache import shards_for_json\n"
+            "s = stop_request()\n"
+            "for d in sys.argv[1:]:\n"
+            "    shards_for_json(d + '/train.json', 'train', 'data.train_shards')\n"
+            "    time.sleep(1)\n"
+            "print('stop requested:', s.requested)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code] + [str(tmp_path / d) for d in ("a", "b", "c")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "stop requested: False" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
+    assert all((tmp_path / d / "train.shards" / "train-000000.tar").is_file() for d in ("a", "b", "c"))
+
+
+def test_json_that_cannot_be_sharded_names_the_console_script(shards, sentinel, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    js = _seed_json(tmp_path, bad_image=3)
+    line = one_error(capsys, train_main.main(args_for(shards, f"--data.train_shards={js}", ds="g32_w1")))
+    assert "1 of 8 entries could not be sharded (first: q3: missing image" in line
+    assert "mmcoconut-shard --json" in line and "make_shards" not in line
+    assert not (tmp_path / "train.shards").exists() and not list(tmp_path.glob(".train.shards.tmp-*"))
+    from mmcoconut.data.shardlist import expand_shards
+    with pytest.raises(FileNotFoundError, match="mmcoconut-shard --json x.json"):
+        expand_shards("x.json")  # the loaders and mmcoconut-eval name the console script too
+    assert sentinel == []
+
+
+def test_all_bad_samples_are_one_early_error_naming_shard_and_reason(shards, sentinel, capsys, monkeypatch,
+                                                                      tmp_path):
+    """Shards whose every json is broken (or has no steps): one error before anything is built, not a traceback
+    after minutes ('1001 samples in a row failed')."""
+    import webdataset as wds
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name, member in (("badjson", b"{not json"), ("nosteps", json.dumps({"question": "q?"}).encode())):
+        d = tmp_path / name
+        d.mkdir()
+        with wds.TarWriter(str(d / "train-000000.tar")) as tw:
+            for i in range(40):
+                tw.write({"__key__": f"k{i:03d}", "jpg": b"\xff\xd8junk", "json": member})
+        (d / "sizes.json").write_text(json.dumps({"train-000000.tar": 40}))
+        line = one_error(capsys, train_main.main(args_for(shards, f"--data.train_shards={d}", "--data.val_shards=",
+                                                          "--data.samples_per_epoch=40", ds="g32_w1")))
+        assert f"every sample read (8, from the first 1 shard(s)) fails: {d}/train-000000.tar: sample 'k000'" in line
+        assert ("bad_json: JSONDecodeError" if name == "badjson" else "no_steps:") in line, line
+    assert sentinel == []
+
+
+def test_one_shard_for_one_rank_and_two_workers_lowers_the_workers(shards, sentinel, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(Reached):
+        train_main.main(args_for(shards, f"--data.train_shards={shards}/s/train-000000.tar", "--data.num_workers=2",
+                                 "--train.gradient_accumulation_steps=1", ds="g32_w1"))
+    out = capsys.readouterr().out
+    assert "note: data.num_workers 2 -> 1: 1 shard(s) for 1 rank(s) x 2 workers" in out, out
+    assert len(sentinel) == 1
+
+
+def test_model_paths_are_recorded_absolute_and_a_missing_one_is_one_error(shards, sentinel, capsys, monkeypatch,
+                                                                          tmp_path):
+    from mmcoconut.config import load_config
+    from mmcoconut.train.preflight import check_config
+    monkeypatch.chdir(shards)
+    cfg = load_config("demo", args_for(shards, "--model.lm_id=lm", "--model.vision_id=./vision")[3:])
+    check_config(cfg)
+    assert (cfg.model.lm_id, cfg.model.vision_id) == (str(shards / "lm"), str(shards / "vision"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for key, value in (("model.vision_id", "models/tiny/vision"), ("model.init_from", "ckpts/run7"),
+                       ("model.lm_id", "/nonexistent/lm")):
+        line = one_error(capsys, train_main.main(args_for(shards, f"--{key}={value}", ds="g32_w1")))
+        assert f"error: {key}" in line and f"{value}: no such file or directory" in line, line
     assert sentinel == []
 
 
@@ -144,9 +261,9 @@ def test_a_good_config_passes(shards, sentinel, monkeypatch):
 
 @pytest.mark.multiproc
 def test_two_ranks_seed_config_with_json_fail_fast_without_traceback(shards, tmp_path):
-    """The seed project's flat config (train_path: a .json) under the DeepSpeed launcher: every rank prints the
-    one error line; nothing is loaded (the model dir does not exist) and there is no traceback."""
-    seed = {"name": "seed", "model_id": "/nonexistent/gpt2", "train_path": "data/train.json",
+    """The seed project's flat config (train_path: a .json that is not there) under the DeepSpeed launcher: every
+    rank prints the one error line; nothing is loaded and there is no traceback."""
+    seed = {"name": "seed", "model_id": "gpt2", "train_path": "data/train.json",
             "val_path": "data/val.json", "save_path": str(tmp_path / "ck"), "lr": 1e-4, "num_epochs": 1}
     (tmp_path / "seed.yaml").write_text(yaml.safe_dump(seed))
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -157,7 +274,6 @@ def test_two_ranks_seed_config_with_json_fail_fast_without_traceback(shards, tmp
            "mmcoconut.train", str(tmp_path / "seed.yaml"), "--deepspeed", "ds_configs/zero2_2gpu.json"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
-    errors = [ln for ln in out.splitlines() if "error: data.train_shards=data/train.json is a json file" in ln]
+    errors = [ln for ln in out.splitlines() if "error: data.train_shards=data/train.json: no such file" in ln]
     assert r.returncode != 0 and len(errors) == 2, out[-4000:]
-    assert "--json data/val.json --split val" in errors[0]
-    assert "Traceback" not in out and "/nonexistent/gpt2" not in out, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]

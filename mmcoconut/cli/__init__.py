@@ -1,2 +1,2 @@
-"""Console scripts (pyproject [project.scripts]): mmcoconut-export, mmcoconut-ask, mmcoconut-predict here;
-mmcoconut-train (mmcoconut.train), mmcoconut-eval (mmcoconut.eval), mmcoconut-shard (tools/make_shards.py)."""
+"""Console scripts (pyproject [project.scripts]), one module each: train (mmcoconut-train), eval (mmcoconut-eval),
+shard (mmcoconut-shard), export (mmcoconut-export), ask (mmcoconut-ask), predict (mmcoconut-predict)."""

@@ -9,8 +9,9 @@ checkpoint. INPUT, one of:
   shards                 a shard dir, brace pattern or '::' list (the evaluation path, mmcoconut-eval's numbers)
   seed json list         [{image, question, steps, answer, ...}], image paths relative to the json file
   official A-OKVQA json  aokvqa_v1p0_<split>.json with --images DIR (the COCO split dir: DIR/<image_id:012>.jpg)
-A json question is used as it is stored (for A-OKVQA: the question plus " The choices are 0: ...", the training
-view); images are read from the files as they are (shards hold them resized to --image-size).
+Every prompt is built in the model's training format: the question lists its choices (" The choices are 0: ...")
+only when the model was trained that way (data.choices_in_question), whatever the input stores; images are read
+from the files as they are (shards hold them resized to --image-size).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def json_items(path: Path, images: Path | None):
 
 
 def predict_json(hf, items, view: str, n_latents, batch_size: int):
-    """Rows for eval.evaluate.score_rows: the stored question as the prompt, images from their files."""
+    """Rows for eval.evaluate.score_rows: the stored question in the model's prompt format, images from files."""
     rows, skipped = [], []
     for i in range(0, len(items), batch_size):
         batch, images = [], []
@@ -74,8 +75,8 @@ def predict_json(hf, items, view: str, n_latents, batch_size: int):
                 skipped.append((it.key, f"image: {e}"))
         if not batch:
             continue
-        res = hf.answer(images, [it.record["question"] for it in batch], view=view, n_latents=n_latents,
-                        batch_size=batch_size)
+        res = hf.answer(images, [it.record["question"] for it in batch], [it.record.get("choices") for it in batch],
+                        view=view, n_latents=n_latents, batch_size=batch_size)
         for it, r in zip(batch, res):
             rows.append({"question_id": str(it.record.get("question_id", it.key)), "meta": it.record,
                          "key": it.key, "text": r["text"], "answer": r["answer"], "n_tokens": r["n_tokens"],

@@ -81,21 +81,31 @@ def main(argv=None) -> int:
         cfg = load_config(config, overrides)
         if ds_path:
             cfg.train.deepspeed_config = ds_path
+        explicit_ds = bool(cfg.train.deepspeed_config)
+        seed_batch = "batch_size_training" in getattr(cfg, "seed_keys", ())
+        if seed_batch and not explicit_ds and cfg.train.gradient_accumulation_steps is None:
+            cfg.train.gradient_accumulation_steps = 1  # the seed's global batch: batch_size_training x ranks
         # everything that can be wrong with the configs fails here, on every rank, before any collective
+        from mmcoconut.seed_config import batch_note
         from mmcoconut.train.checkpoint import plan_resume
-        from mmcoconut.train.engine import resolve_ds_config
+        from mmcoconut.train.engine import default_ds_config, resolve_ds_config
         from mmcoconut.train.preflight import check, check_config
 
-        data = check_config(cfg)  # pre-flight: data, hyper-parameters, curriculum; nothing is built before it
+        data = check_config(cfg, world)  # pre-flight: data, hyper-parameters, curriculum; nothing is built before it
         ds = resolve_ds_config(cfg, world=world)
         plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)),
                            ds["train_micro_batch_size_per_gpu"])
         if plan is not None and plan.universal:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        check(cfg, ds, world, data)  # pre-flight: batch arithmetic of the resolved ds_config
+        notes = getattr(cfg, "notes", []) + check(cfg, ds, world, data)  # pre-flight: batch arithmetic
+        if seed_batch:
+            notes.append(batch_note(ds, world, cfg.train.deepspeed_config or default_ds_config(world).name,
+                                    explicit_ds))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    for note in notes if rank == 0 else ():
+        print(f"note: {note}", flush=True)
 
     from mmcoconut.train.ds_ops import init_distributed
     from mmcoconut.train.loop import run

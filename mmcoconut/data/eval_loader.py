@@ -35,18 +35,6 @@ def positioned_samples(reader: ShardReader, urls: list[str], offsets: list[int],
             yield off + j, raw
 
 
-class _ReasonCounter(SkipCounter):
-    """SkipCounter that also remembers why the last sample was skipped (for the eval's missing reasons)."""
-
-    def __init__(self):
-        super().__init__()
-        self.last = ""
-
-    def skip(self, reason: str, msg: str) -> None:
-        self.last = f"{reason}: {msg}"
-        super().skip(reason, msg)
-
-
 class _EvalStream(torch.utils.data.IterableDataset):
     """Global sample i goes to rank i % world; rank-local j = i // world fills batch j // bs of that rank;
     physical worker p builds batches p, p+W, ... (all read the tars, only their own samples are decoded)."""
@@ -134,7 +122,7 @@ class EvalLoader:
         self.total = total if max_samples is None else min(total, max_samples)
         self.num_batches = math.ceil(math.ceil(self.total / world_size) / batch_size)
         self.num_workers = min(cfg.data.num_workers, self.num_batches)
-        self.skips = _ReasonCounter()
+        self.skips = SkipCounter()
         self.reader = ShardReader.from_config(d, self.skips, dict(zip(self.urls, sizes)))
         self.rows = RowBuilder(tokenizer, image_processor, cfg, n_image_tokens, self.skips)
         ids = self.rows.ids

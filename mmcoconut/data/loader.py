@@ -104,7 +104,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
             if row is None:
                 fails += 1
                 if fails > MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(f"rank {L.rank} worker {w}: {fails} samples in a row failed; see warnings")
+                    raise RuntimeError(f"rank {L.rank} worker {w}: {fails} samples in a row failed, the last: "
+                                       f"{L.skips.last}")
                 continue
             fails = 0
             if not decode:  # resume without positions: skip rows by the cheap (text + header) check
@@ -132,12 +133,21 @@ def batches_per_rank(spec: str, samples_per_epoch: int, world_size: int, micro_b
 
 
 def check_worker_shards(spec: str, n_shards: int, world_size: int, num_workers: int, resampled: bool) -> None:
-    """Without resampling every (rank, worker) reads its own shards: ValueError when there are too few."""
+    """Without resampling every (rank, worker) reads its own shards: ValueError when there are too few (the
+    trainer's pre-flight lowers data.num_workers first, so there it means fewer shards than ranks)."""
     workers = max(1, num_workers)
     if not resampled and n_shards < world_size * workers:
-        raise ValueError(f"{spec!r}: {n_shards} shards for {world_size} ranks x {workers} workers; every "
-                         f"worker needs a shard. Write more, smaller shards (make_shards --maxcount), use "
+        raise ValueError(f"{spec!r}: {n_shards} shard(s) for {world_size} ranks x {workers} workers; every "
+                         f"worker needs a shard. Write more, smaller shards (mmcoconut-shard --maxcount), use "
                          f"fewer data.num_workers, or data.resampled=true")
+
+
+def _sizes_if_known(urls: list[str], data_cfg) -> Optional[list[int]]:
+    """sizes.json counts when data.samples_per_epoch makes them optional (a lost shard then counts as its samples)."""
+    try:
+        return shard_sizes(urls, timeout=data_cfg.shard_timeout, retries=0)
+    except (OSError, ValueError):
+        return None
 
 
 class StreamingLoader:
@@ -151,7 +161,8 @@ class StreamingLoader:
         self.cur, self.resampled, self.shuffle_buffer = cfg.curriculum, d.resampled, d.shuffle_buffer
         self.num_workers = d.num_workers
         self.W = max(1, d.num_workers)
-        sizes = None if d.samples_per_epoch else shard_sizes(self.urls, timeout=d.shard_timeout)
+        sizes = _sizes_if_known(self.urls, d) if d.samples_per_epoch else \
+            shard_sizes(self.urls, timeout=d.shard_timeout)
         self.samples_per_epoch = d.samples_per_epoch or sum(sizes)
         self.num_batches = batches_per_rank(shards, self.samples_per_epoch, world_size, micro_batch_size)
         check_worker_shards(shards, len(self.urls), world_size, d.num_workers, self.resampled)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..modeling.prompt import format_question
 from ..modeling.tokens import SpecialIds
 from .curriculum import NoStepsError, OverlongError
 
@@ -28,7 +29,8 @@ class SkipCounter:
     Two views: shared counters (multiprocessing Values, summed over all workers: `as_dict()`, `total`, used to
     number the warnings and by the eval loaders) and this process's counts since the last `take()`, which the
     training stream attaches to the batch whose rows it skipped, so the loader counts exactly what was consumed
-    (also across resume). Any loader code that drops a sample or a shard calls `skip(reason, message)`.
+    (also across resume). Any loader code that drops a sample or a shard calls `skip(reason, message, n)`: a shard
+    given up on counts as the samples it still held (sizes.json), not as one. `last`: the latest reason + message.
     """
 
     REASONS = SKIP_REASONS
@@ -36,17 +38,20 @@ class SkipCounter:
     def __init__(self):
         self._shared = {r: mp.Value("i", 0) for r in SKIP_REASONS}
         self._pending = dict.fromkeys(SKIP_REASONS, 0)
+        self.last = ""
 
-    def skip(self, reason: str, msg: str) -> None:
+    def skip(self, reason: str, msg: str, n: int = 1) -> None:
         if reason not in self._shared:
             raise ValueError(f"unknown skip reason {reason!r}; one of {SKIP_REASONS}")
-        self._pending[reason] += 1
+        self.last = f"{reason}: {msg}"
+        self._pending[reason] += n
         v = self._shared[reason]
         with v.get_lock():
-            v.value += 1
-            n = v.value
-        if n <= 20 or n % 100 == 0:
-            log.warning("skipping %s [%s; %d skipped for this reason so far]", msg, reason, n)
+            before = v.value
+            v.value += n
+            total = v.value
+        if before < 20 or total // 100 > before // 100:
+            log.warning("skipping %s [%s; %d skipped for this reason so far]", msg, reason, total)
 
     def bad_sample(self, raw: dict, exn: Exception, reason: str) -> None:
         self.skip(reason, f"sample {raw.get('__key__')!r} of {raw.get('__url__')}: {type(exn).__name__}: {exn}")
@@ -54,8 +59,8 @@ class SkipCounter:
     def long_sample(self, exn: Exception) -> None:
         self.skip("too_long", f"overlong sample: {exn}")
 
-    def handler(self, exn: Exception) -> bool:  # tar-level errors (unreadable / truncated shard): keep going
-        self.skip("unreadable_shard", f"unreadable shard data: {type(exn).__name__}: {exn}")
+    def handler(self, exn: Exception, n: int = 1) -> bool:  # tar-level errors (unreadable shard): keep going
+        self.skip("unreadable_shard", f"unreadable shard data: {type(exn).__name__}: {exn}", n)
         return True
 
     def take(self) -> dict:
@@ -154,13 +159,17 @@ class RowBuilder:
                  for k in ("shortest_edge", "height", "width")]
         self.draft = max((v for v in sizes if isinstance(v, int)), default=None)
 
-    @staticmethod
-    def parse(raw: dict) -> dict:
+    def parse(self, raw: dict) -> dict:
+        """The shard json, its question in the run's prompt format (data.choices_in_question: the choice list
+        added or removed; None: as stored)."""
         if "json" not in raw:
             raise KeyError("no .json member")
         sample = json.loads(raw["json"])
-        if not isinstance(sample, dict) or "question" not in sample:
-            raise ValueError("json is not an object with a 'question'")
+        if not isinstance(sample, dict) or not isinstance(sample.get("question"), str):
+            raise ValueError("json is not an object with a 'question' string")
+        choices = sample.get("choices")
+        if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
+            sample["question"] = format_question(sample["question"], choices, self.cfg.data.choices_in_question)
         return sample
 
     def image(self, raw: dict, decode: bool = True):

@@ -219,9 +219,9 @@ def parent(url: str) -> str:
     return _no_query(url).rpartition("/")[0] + "/"
 
 
-# ---------------------------------------------------------------- writing (tools/make_shards.py --out)
+# ---------------------------------------------------------------- writing (mmcoconut-shard --out)
 class Target:
-    """Where make_shards puts finished files: a local dir, an fsspec URL (s3://bucket/dir) or a write-only
+    """Where mmcoconut-shard puts finished files: a local dir, an fsspec URL (s3://bucket/dir) or a write-only
     `pipe:CMD` in which '{}' is replaced by each file name (e.g. 'pipe:aws s3 cp - s3://bucket/dir/{}')."""
 
     def __init__(self, out: str):

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections import deque
@@ -75,6 +76,32 @@ def _process(task: tuple[WorkItem, int]) -> tuple[WorkItem, Optional[bytes], Opt
         return item, None, f"unreadable image: {getattr(item.image, 'path', '?')}: {type(exc).__name__}: {exc}"
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _default_signals() -> None:
+    """Pool worker initializer: default stop-signal handling, no inherited wakeup fd, then the stop signals
+    unblocked (the pool is forked with them blocked, so one sent before this point waits and then acts as default).
+    A caller with its own handlers (the trainer shards a seed json at start: train/signals.py) would otherwise leave
+    workers that ignore the pool's terminate() (a hang) and write each signal they get into its wakeup pipe."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _pool(workers: int) -> Pool:
+    """A process pool whose workers never run the caller's stop-signal handlers (see _default_signals)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return Pool(workers, initializer=_default_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _ordered_results(tasks: Iterator, workers: int, chunksize: int) -> Iterator:
     """`pool.imap` over `tasks` with at most two windows in flight (plain imap would read the whole input into
     its queue, which matters for millions of synthetic items)."""
@@ -82,7 +109,7 @@ def _ordered_results(tasks: Iterator, workers: int, chunksize: int) -> Iterator:
         yield from map(_process, tasks)
         return
     window = workers * chunksize * 16
-    with Pool(workers) as pool:
+    with _pool(workers) as pool:
         pending: deque = deque()
         while batch := list(islice(tasks, window)):
             pending.append(pool.imap(_process, batch, chunksize))

@@ -33,7 +33,7 @@ _jitter = random.Random()  # private: must not touch the seeded global RNG
 def _raw_json_error(spec: str, part: str) -> FileNotFoundError:
     stem = os.path.splitext(os.path.basename(part))[0]
     return FileNotFoundError(f"shard spec {spec!r}: {part} is a json file, not WebDataset shards; shard it "
-                             f"first: python tools/make_shards.py --json {part} --out shards/{stem} "
+                             f"first: mmcoconut-shard --json {part} --out shards/{stem} "
                              f"(or --aokvqa-dir/--coco-dir for official A-OKVQA), then point "
                              f"data.train_shards/val_shards at shards/{stem}")
 
@@ -163,7 +163,7 @@ def shard_sizes(urls: list[str], count_missing: bool = False, *, timeout: float 
         if n is None:
             why = why or f"has no entry {name!r}"
             raise FileNotFoundError(f"no sample count for shard {u}: {where} {why}; set "
-                                    f"data.samples_per_epoch or put sizes.json (from tools/make_shards.py) there")
+                                    f"data.samples_per_epoch or put sizes.json (from mmcoconut-shard) there")
         out.append(int(n))
     return out
 
@@ -183,8 +183,10 @@ class ShardReader:
 
     A shard that fails to open or breaks mid-stream (or, remote, ends short of its sizes.json count) is
     re-opened up to `retries` times, waiting `wait`, 2*wait, ... seconds; the re-opened stream skips the samples
-    already yielded, so nothing is repeated. Then it is given up: counted once through `skips.handler` and the
-    next shard follows. Local files are retried only for OS errors (a corrupt file stays corrupt).
+    already yielded, so nothing is repeated. Then it is given up: its unread samples (its `expected` count from
+    sizes.json minus those read; 1 when unknown) are counted through `skips.handler`, so the skip fraction and the
+    metrics see the real loss, and the next shard follows. Local files are retried only for OS errors (a corrupt
+    file stays corrupt).
     """
 
     def __init__(self, skips, retries: int = 3, wait: float = 1.0, timeout: float = 60.0,
@@ -238,8 +240,11 @@ class ShardReader:
                 attempt += 1
                 if attempt > self.retries or not self._retryable(url, exn):
                     tries = f"{attempt} attempt{'s' * (attempt > 1)}"
+                    size = self.expected.get(url)  # what the shard holds: its unread samples are lost, not 1
+                    lost = max(1, size - read[0]) if size is not None else 1
+                    held = f"; its {lost} unread sample(s) (sizes.json) count as skipped" if size is not None else ""
                     self.skips.handler(ShardError(f"shard {url}: gave up after {tries}, {read[0]} samples read: "
-                                                  f"{_describe(exn)}"))
+                                                  f"{_describe(exn)}{held}"), lost)
                     return read[0]
                 pause = min(MAX_RETRY_WAIT, self.wait * 2 ** (attempt - 1)) * _jitter.uniform(0.75, 1.25)
                 log.warning("shard %s: %s after %d samples; retry %d/%d in %.1f s", url, _describe(exn), read[0],

@@ -8,7 +8,7 @@ its annotation file and scores a missing prediction 0; so do we, over:
 - otherwise the shards: every readable sample's json (the shard json keeps the official fields) plus, for each
   shard, the samples its `sizes.json` count declares but the tar does not hold (truncated or corrupt), and,
   for a directory or `dir/<split>` spec, the shards that `sizes.json` lists but that are gone. These lost
-  samples score 0; `questions.jsonl` (written by make_shards next to sizes.json) names them and says whether
+  samples score 0; `questions.jsonl` (written by mmcoconut-shard next to sizes.json) names them and says whether
   the official scorer counts each in MC / DA, so the figures equal the official ones; without it (shards
   written by other tools) a lost sample counts in both modes and a note says the DA may differ.
 
@@ -113,7 +113,7 @@ class _ErrorList:
     def __init__(self, errors: list[str], url: str):
         self.errors, self.url = errors, url
 
-    def handler(self, exn: Exception) -> bool:
+    def handler(self, exn: Exception, n: int = 1) -> bool:  # n: samples lost (ShardReader); the note says it
         self.errors.append(f"{self.url}: {exn}")
         return True
 

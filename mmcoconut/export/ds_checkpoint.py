@@ -118,10 +118,15 @@ def load_checkpoint(path, tag: Optional[str] = None, overrides: Optional[list[st
     """
     from ..config import load_config
     from ..factory import build_image_processor, build_model, build_tokenizer
+    from ..model_paths import resolve_model_paths
 
     root, tag = find_checkpoint(path, tag)
     cfg_dict, states = checkpoint_config(root, tag)
     cfg = load_config(data=cfg_dict, overrides=overrides)
+    # model paths are recorded absolute; older runs recorded them relative to where training ran (often the run
+    # dir's parent): try the caller's dir, then the run dir and its parents
+    bases = [Path.cwd(), *Path(root).resolve().parents]
+    resolve_model_paths(cfg.model, bases, keys=("lm_id", "vision_id", "tokenizer_id"))
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer)
     sd = consolidated_state_dict(root, tag, states)

@@ -61,6 +61,7 @@ def hf_config(model, cfg, eval_results: Optional[dict] = None):
         c_thought=c.c_thought, max_latent_stage=c.max_latent_stage, pad_latent_to_max=c.pad_latent_to_max,
         coconut=c.coconut, no_cot=c.no_cot, answer_max_new_tokens=cfg.eval.max_new_tokens,
         dummy_latent=cfg.eval.dummy_latent, latent_scale=model.latent_scale, run_config=portable(cfg.to_dict()),
+        choices_in_question=cfg.data.choices_in_question,
         eval_results=eval_results,
         mmcoconut_version=mmcoconut.__version__)
 
@@ -143,6 +144,7 @@ def _run_config(hf_cfg, export_dir: Path):
     m.latent_scale = getattr(hf_cfg, "latent_scale", "none")
     c.c_thought, c.max_latent_stage = hf_cfg.c_thought, hf_cfg.max_latent_stage
     c.pad_latent_to_max, c.coconut, c.no_cot = hf_cfg.pad_latent_to_max, hf_cfg.coconut, hf_cfg.no_cot
+    cfg.data.choices_in_question = getattr(hf_cfg, "choices_in_question", None)  # None (older exports): as stored
     return cfg
 
 

@@ -43,7 +43,9 @@ class MMCoconutConfig(PretrainedConfig):
     (how a fed-back hidden state is scaled). special_ids: token ids of <image>, <|start-latent|>, <|latent|>,
     <|end-latent|>, pad, eos (and bos for tokenizers that begin every sequence with it).
     c_thought, max_latent_stage, pad_latent_to_max, coconut, no_cot: the curriculum the model was trained with
-    (the default number of latents at inference is max_latent_stage * c_thought). answer_max_new_tokens,
+    (the default number of latents at inference is max_latent_stage * c_thought). choices_in_question: whether its
+    training questions listed their choices (" The choices are 0: ..."); None: not recorded (older exports), read
+    as true. answer_max_new_tokens,
     dummy_latent: inference defaults. run_config: the resolved training config (paths made portable),
     eval_results: the four-view table when known, mmcoconut_version: the code version that exported it.
     """
@@ -58,7 +60,7 @@ class MMCoconutConfig(PretrainedConfig):
                  vision_layer=-2, freeze_vision=True, special_ids=None, c_thought=1, max_latent_stage=0,
                  pad_latent_to_max=False, coconut=True, no_cot=False, answer_max_new_tokens=64,
                  dummy_latent="zeros", run_config=None, eval_results=None, mmcoconut_version=None,
-                 latent_scale="none", **kwargs):
+                 latent_scale="none", choices_in_question=None, **kwargs):
         self.text_config = _sub_config(text_config, GPT2Config, "text_config")
         self.vision_config = _sub_config(vision_config, CLIPVisionConfig, "vision_config")
         lm_family(self.text_config, "MMCoconutConfig.text_config")
@@ -76,6 +78,7 @@ class MMCoconutConfig(PretrainedConfig):
         self.answer_max_new_tokens = answer_max_new_tokens
         self.dummy_latent = dummy_latent
         self.latent_scale = latent_scale
+        self.choices_in_question = choices_in_question
         self.run_config = run_config
         self.eval_results = eval_results
         self.mmcoconut_version = mmcoconut_version

@@ -124,8 +124,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel):
                max_new_tokens: Optional[int] = None, batch_size: int = 16, processor=None):
         """Ask questions about images. One image + one question (str) -> one dict; lists -> a list of dicts.
 
-        choices: None, one list of choice strings (for every question) or one list per question; they are written
-        into the prompt (" The choices are 0: ...", the training format) and the answer is mapped to one of them.
+        choices: None, one list of choice strings (for every question) or one list per question. The prompt is the
+        training format: the list is written into the question (" The choices are 0: ...") only when the model was
+        trained with it (config.choices_in_question), else only used to map the answer to one of the choices.
         view: coconut (latent thoughts; n_latents default max_latent_stage * c_thought), dummy (zeros/random in
         the latent slots: an ablation), cot (writes the reasoning steps), nocot (answer only).
         Returns per item: text (generated), rationale (text before the answer marker), answer (text after it),

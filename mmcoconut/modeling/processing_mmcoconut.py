@@ -3,8 +3,9 @@
 Shipped inside every export: `AutoProcessor.from_pretrained(export, trust_remote_code=True)`.
 
     proc(images, questions, choices=None, view="coconut", n_latents=None) -> BatchFeature(input_ids, attention_mask,
-        pixel_values): prompts `[<image>]*n + question (+ " The choices are 0: ...") + "\\n" [+ START LATENT*n END]`,
-        left-padded so every prompt ends at the last column (what `MMCoconut.generate` expects)
+        pixel_values): prompts `[<image>]*n + question (+ " The choices are 0: ..." when the model was trained with the
+        choice list in the question: choices_in_question) + "\\n" [+ START LATENT*n END]`, left-padded so every
+        prompt ends at the last column (what `MMCoconut.generate` expects)
     proc.parse(text, choices) -> {text, rationale, answer, choice, choice_index, fallback}
 Views: coconut (n latents, default max_latent_stage * c_thought), dummy (the same prompt; the model replaces the
 latents), cot (START END after the question for a coconut-trained model; the model writes the steps), nocot.
@@ -18,7 +19,7 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from .choices import map_to_choice
 from .images import load_rgb
-from .prompt import extract_answer, extract_rationale, prompt_ids, question_text, view_latents
+from .prompt import extract_answer, extract_rationale, format_question, prompt_ids, question_text, view_latents
 from .tokens import SpecialIds
 
 
@@ -29,11 +30,14 @@ def _as_list(x, n: Optional[int] = None) -> list:
 
 
 class MMCoconutProcessor(ProcessorMixin):
-    """Tokenizer + image processor + prompt format (n_image_tokens, c_thought, max_latent_stage, cot_markers)."""
+    """Tokenizer + image processor + prompt format (n_image_tokens, c_thought, max_latent_stage, cot_markers,
+    choices_in_question: whether the question lists its choices; true for processors saved before it was recorded)."""
 
     def __init__(self, image_processor=None, tokenizer=None, n_image_tokens: int = 1, c_thought: int = 1,
-                 max_latent_stage: int = 0, cot_markers: bool = True, chat_template=None, **kwargs):
+                 max_latent_stage: int = 0, cot_markers: bool = True, choices_in_question: bool = True,
+                 chat_template=None, **kwargs):
         self.n_image_tokens = int(n_image_tokens)
+        self.choices_in_question = bool(choices_in_question)
         self.c_thought = int(c_thought)
         self.max_latent_stage = int(max_latent_stage)
         self.cot_markers = bool(cot_markers)
@@ -44,7 +48,8 @@ class MMCoconutProcessor(ProcessorMixin):
     def from_config(cls, config, image_processor, tokenizer) -> "MMCoconutProcessor":
         """The processor matching an MMCoconutConfig."""
         return cls(image_processor, tokenizer, n_image_tokens=config.num_image_tokens, c_thought=config.c_thought,
-                   max_latent_stage=config.max_latent_stage, cot_markers=config.cot_markers)
+                   max_latent_stage=config.max_latent_stage, cot_markers=config.cot_markers,
+                   choices_in_question=config.choices_in_question is not False)
 
     @property
     def default_n_latents(self) -> int:
@@ -53,11 +58,13 @@ class MMCoconutProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------- prompts
     def prompt(self, question: str, choices: Optional[Sequence[str]] = None, view: str = "coconut",
                n_latents: Optional[int] = None) -> list[int]:
-        """Token ids of one generation prompt (the same ids mmcoconut.data.curriculum.build_prompt builds)."""
+        """Token ids of one generation prompt (the same ids mmcoconut.data.curriculum.build_prompt builds). The choice
+        list is written into the question only for a model trained that way (`choices_in_question`), else removed."""
         n = self.default_n_latents if n_latents is None else int(n_latents)
         if n < 0:
             raise ValueError(f"n_latents must be >= 0, got {n}")
-        q = self.tokenizer.encode(question_text(question, choices), add_special_tokens=False)
+        text = question_text(format_question(question, choices, self.choices_in_question))
+        q = self.tokenizer.encode(text, add_special_tokens=False)
         return prompt_ids(q, self.ids, self.n_image_tokens, view_latents(view, n, self.cot_markers))
 
     def __call__(self, images=None, questions=None, choices=None, view: str = "coconut",

@@ -2,10 +2,12 @@
 
 A sequence is `[BOS] + [<image>] * n_img + tok(question + "\\n") [+ START + LATENT * n + END] + steps +
 tok("### " + answer)` (BOS only for tokenizers that begin every encoding with one, SpecialIds.bos)
-(docs/internals.md, "Token sequence"). A multiple-choice question carries its choices in the text:
-`question + choices_suffix(choices)` = "... The choices are 0: cat, 1: dog". The data pipeline (data/curriculum.py),
-evaluation (eval/evaluate.py) and the inference processor (processing_mmcoconut.py) all build prompts and read
-answers through these functions.
+(docs/internals.md, "Token sequence"). A multiple-choice question carries its choices in the text
+(`question + choices_suffix(choices)` = "... The choices are 0: cat, 1: dog") when the model was trained that way:
+whether it was (`choices_in_question`) is part of the model, recorded in the run config (data.choices_in_question)
+and the export (MMCoconutConfig, processor). `format_question` builds that format from any question + choices;
+the data pipeline (data/pipeline.py, data/curriculum.py), evaluation and the inference processor
+(processing_mmcoconut.py) all build prompts and read answers through these functions.
 """
 from __future__ import annotations
 
@@ -18,6 +20,21 @@ GENERATION_VIEWS = ("nocot", "cot", "coconut", "dummy")
 def choices_suffix(choices: Sequence[str]) -> str:
     """' The choices are 0: cat, 1: dog, ...' — appended to the question."""
     return " The choices are " + ", ".join(f"{i}: {c}" for i, c in enumerate(choices))
+
+
+def lists_choices(question: str, choices: Optional[Sequence[str]]) -> Optional[bool]:
+    """Whether `question` carries its choice list (ends with choices_suffix); None without choices."""
+    return question.endswith(choices_suffix(choices)) if choices else None
+
+
+def format_question(question: str, choices: Optional[Sequence[str]], choices_in_question: Optional[bool]) -> str:
+    """The question as a model trained with (True) or without (False) the choice list in the question reads it: the
+    list is added or removed; None (format unknown: runs from before it was recorded) or no choices: as given."""
+    if choices_in_question is None or not choices:
+        return question
+    suffix = choices_suffix(choices)
+    base = question[:-len(suffix)] if question.endswith(suffix) else question
+    return base + suffix if choices_in_question else base
 
 
 def question_text(question: str, choices: Optional[Sequence[str]] = None) -> str:

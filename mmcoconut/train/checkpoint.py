@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import mmcoconut
 from mmcoconut.config import ConfigError
+from mmcoconut.model_paths import resolved_section
 
 from . import drift
 from .index import UNIVERSAL_SUFFIX, fix_latest, list_tags, prune, read_meta, write_meta
@@ -174,6 +175,7 @@ def _check_drift(cfg, run_dir: Path, tag: str, meta: dict, micro: Optional[int],
     if not isinstance(old, dict):
         return [f"{run_dir / tag} records no config: config drift not checked"]
     old = {s: dict(v) for s, v in old.items() if isinstance(v, dict)}
+    old["model"] = resolved_section(old.get("model", {}))  # relative model paths of older runs, as now recorded
     new = cfg.to_dict()
     old.setdefault("train", {})
     if meta.get("world_size") != world or micro is None:  # elastic: accumulation (and micro) are re-derived
