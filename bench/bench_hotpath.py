@@ -23,7 +23,7 @@ measured), B=8, rows = <image> + 40 question + START + n latents + END + 20 answ
 
     python bench/bench_hotpath.py [--code DIR] [--what syncs,vd,saved,rss,ops,prof,ac] [--n 4,8] [--reps 7]
                                   [--compile] [--small [--layers L]] [--compare-wgrad]
-    python bench/bench_hotpath.py --what dispatch [--n 8] [--batch 4] [--reps 15]
+    python bench/bench_hotpath.py --what dispatch [--n 8] [--batch 4] [--reps 15] [--prof]
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def measure_syncs_vd(model, b, P):
 
 def measure_ops(model, B, n):
     from torch.profiler import ProfilerActivity, profile
-    counts, warm = [], []
+    counts, warm, by_op = [], [], []
     for k in (n, n + 1):
         b = make_batch(model, B, k, seed=1)
         t0 = time.perf_counter()
@@ -129,8 +129,11 @@ def measure_ops(model, B, n):
             fwd_bwd(model, b)
         ev = prof.key_averages()
         counts.append((sum(e.count for e in ev if e.key.startswith("aten::")), sum(e.count for e in ev)))
+        by_op.append({e.key: e.count for e in ev if e.key.startswith("aten::")})
+    extra = {op: by_op[1].get(op, 0) - by_op[0].get(op, 0) for op in set(by_op[0]) | set(by_op[1])}
     return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0],
             "events_per_latent_pass": counts[1][1] - counts[0][1], "aten_ops_total": [c[0] for c in counts],
+            "top_aten_ops_per_latent_pass": dict(sorted(extra.items(), key=lambda kv: -kv[1])[:10]),
             "warmup_s": warm}
 
 
@@ -176,7 +179,7 @@ def measure_rss(fn):
     return round((peak - base) / 1024, 1), round((kept - base) / 1024, 1)
 
 
-def measure_dispatch(B: int, n: int, reps: int) -> dict:
+def measure_dispatch(B: int, n: int, reps: int, prof: bool = False) -> dict:
     """Eager vs compiled host time per latent pass on the toy model (module doc), interleaved repeats."""
     import copy
     eager = build(False, toy=True)
@@ -189,9 +192,10 @@ def measure_dispatch(B: int, n: int, reps: int) -> dict:
     times = {(m, k): [] for m in models for k in batches}
     t0 = time.perf_counter()
     for m, model in models.items():  # warm-up (compiles: pass 0, the one-column and the last pass, backward)
-        for b in batches.values():
+        for k, b in batches.items():
             fwd_bwd(model, b)
             fwd_bwd(model, b)
+            print(f"warm-up {m} {k} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     res["warmup_s"] = round(time.perf_counter() - t0, 1)
     for _ in range(reps):
         for m, model in models.items():
@@ -209,6 +213,9 @@ def measure_dispatch(B: int, n: int, reps: int) -> dict:
         _emit(res)
         res[m]["ops"] = measure_ops(models[m], B, n)
         _emit(res)
+        if prof:  # where the latent batch's extra host time goes, by op (self CPU time)
+            res[m]["prof"] = measure_prof(models[m], B, n, top=12)
+            _emit(res)
     res["compiled/eager_per_latent_pass"] = round(res["compiled"]["ms_per_latent_pass"]
                                                   / res["eager"]["ms_per_latent_pass"], 3)
     res["compiled/eager_whole_step"] = round(med["compiled", "a"] / med["eager", "a"], 3)
@@ -256,6 +263,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="with --small: this many layers (op counts per pass "
                     "depend on the layer count, not the width: --small --layers 12 counts GPT-2 124M's ops)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prof", action="store_true", help="with --what dispatch: profiler self-CPU time by op, "
+                    "latent vs plain batch, eager and compiled")
     ap.add_argument("--compare-wgrad", action="store_true", help="a/c also with model.deferred_wgrad = False "
                     "(plain autograd weight gradients), interleaved in the same repeats")
     args = ap.parse_args(argv)
@@ -267,7 +276,7 @@ def main(argv=None):
     DEVICE = torch.device(args.device)
     if args.what == "dispatch":  # its own toy models (module doc)
         res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
-        res.update(measure_dispatch(args.batch or 4, int(args.n.split(",")[0]), args.reps))
+        res.update(measure_dispatch(args.batch or 4, int(args.n.split(",")[0]), args.reps, args.prof))
         print(json.dumps(res), flush=True)
         return
     model = build(args.small, args.layers).to(DEVICE)
