@@ -16,9 +16,16 @@ answer tokens.
   a/c      cached latent forward+backward / plain forward+backward over the same tokens (latents replaced by an
            ordinary token: one LM call), interleaved repeats; min / median / max of the per-repeat ratio;
            --compare-wgrad adds a0/c, the latent forward with plain autograd weight gradients (wgrad.py off)
+  dispatch host overhead per latent pass, a CPU proxy for launch-boundness: a toy GPT-2 (n_embd 64, 12 layers,
+           vocab 1024; --batch, default 4) where compute is negligible, eager and compiled (enable_compile(): inductor
+           fullgraph; a deep copy of the same weights), repeats interleaved in one process, medians. Per latent pass
+           = (fwd+bwd of the batch with n latents - fwd+bwd of the same tokens with the latents as plain tokens) / n:
+           the cost of one extra one-column pass, forward and backward. Also: ATen ops and profiler events per
+           latent pass (ops, for each), and the whole step / (n + 1) passes.
 
     python bench/bench_hotpath.py [--code DIR] [--what syncs,vd,saved,rss,ops,prof,ac] [--n 4,8] [--reps 7]
                                   [--compile] [--small [--layers L]] [--compare-wgrad] [--arch gpt2|llama]
+    python bench/bench_hotpath.py --what dispatch [--n 8] [--batch 4] [--reps 15] [--prof]
 """
 from __future__ import annotations
 
@@ -58,14 +65,18 @@ def lm_config(arch: str, small: bool, layers=None):
     return lcfg
 
 
-def build(small: bool, layers=None, arch: str = "gpt2"):
-    from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+def build(small: bool, layers=None, arch: str = "gpt2", toy: bool = False):
+    from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GPT2Config
 
     from mmcoconut.modeling.latent import MMCoconut
     from mmcoconut.modeling.projector import build_projector
     from mmcoconut.modeling.tokens import SpecialIds
     torch.manual_seed(0)
-    lcfg = lm_config(arch, small, layers)
+    if toy:  # dispatch proxy: GPT-2 124M's depth and op graph at negligible width
+        lcfg = GPT2Config(vocab_size=1024, n_embd=64, n_layer=12, n_head=4)
+        lcfg.attn_pdrop = lcfg.resid_pdrop = lcfg.embd_pdrop = 0.0
+    else:
+        lcfg = lm_config(arch, small, layers)
     vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                             image_size=32, patch_size=16)
     V = lcfg.vocab_size
@@ -89,9 +100,13 @@ def make_batch(model, B: int, n: int, seed: int = 0, plain: bool = False):
          "position_ids": torch.arange(input_ids.shape[1]).expand(B, -1).contiguous(),
          "pixel_values": torch.randn(B, 3, 32, 32, generator=g)}
     b = {k: v.to(DEVICE) for k, v in b.items()}
-    try:  # the hot-path code: the Collator's host-side plan
+    try:  # the hot-path code: the Collator's host-side plan (with the labelled positions where it knows them)
+        import inspect
         from mmcoconut.modeling.pass_plan import plan_batch
-        b["latent_plan"] = plan_batch(input_ids, ids.latent, ids.image).to(DEVICE)
+        kw = {"labels": labels} if "labels" in inspect.signature(plan_batch).parameters else {}
+        b["latent_plan"] = plan_batch(input_ids, ids.latent, ids.image, **kw).to(DEVICE)
+        if "return_logits" in inspect.signature(type(model).forward).parameters:
+            b["return_logits"] = False  # what training does (no [B, T, V] logits)
     except ImportError:
         pass
     return b
@@ -120,7 +135,7 @@ def measure_syncs_vd(model, b, P):
 
 def measure_ops(model, B, n):
     from torch.profiler import ProfilerActivity, profile
-    counts, warm = [], []
+    counts, warm, by_op = [], [], []
     for k in (n, n + 1):
         b = make_batch(model, B, k, seed=1)
         t0 = time.perf_counter()
@@ -130,8 +145,11 @@ def measure_ops(model, B, n):
             fwd_bwd(model, b)
         ev = prof.key_averages()
         counts.append((sum(e.count for e in ev if e.key.startswith("aten::")), sum(e.count for e in ev)))
+        by_op.append({e.key: e.count for e in ev if e.key.startswith("aten::")})
+    extra = {op: by_op[1].get(op, 0) - by_op[0].get(op, 0) for op in set(by_op[0]) | set(by_op[1])}
     return {"aten_ops_per_latent_pass": counts[1][0] - counts[0][0],
             "events_per_latent_pass": counts[1][1] - counts[0][1], "aten_ops_total": [c[0] for c in counts],
+            "top_aten_ops_per_latent_pass": dict(sorted(extra.items(), key=lambda kv: -kv[1])[:10]),
             "warmup_s": warm}
 
 
@@ -177,6 +195,49 @@ def measure_rss(fn):
     return round((peak - base) / 1024, 1), round((kept - base) / 1024, 1)
 
 
+def measure_dispatch(B: int, n: int, reps: int, prof: bool = False) -> dict:
+    """Eager vs compiled host time per latent pass on the toy model (module doc), interleaved repeats."""
+    import copy
+    eager = build(False, toy=True)
+    compiled = copy.deepcopy(eager)
+    compiled.enable_compile()
+    models = {"eager": eager, "compiled": compiled}
+    batches = {"a": make_batch(eager, B, n, seed=2), "c": make_batch(eager, B, n, seed=2, plain=True)}
+    res = {"model": "GPT-2 n_embd 64, 12 layers, vocab 1024", "batch": B, "n": n, "reps": reps,
+           "T": batches["a"]["input_ids"].shape[1]}
+    times = {(m, k): [] for m in models for k in batches}
+    t0 = time.perf_counter()
+    for m, model in models.items():  # warm-up (compiles: pass 0, the one-column and the last pass, backward)
+        for k, b in batches.items():
+            fwd_bwd(model, b)
+            fwd_bwd(model, b)
+            print(f"warm-up {m} {k} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    res["warmup_s"] = round(time.perf_counter() - t0, 1)
+    for _ in range(reps):
+        for m, model in models.items():
+            for k, b in batches.items():
+                t0 = time.perf_counter()
+                fwd_bwd(model, b)
+                times[m, k].append(time.perf_counter() - t0)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    for m in models:
+        res[m] = {"step_ms_latent": round(1e3 * med[m, "a"], 2), "step_ms_plain": round(1e3 * med[m, "c"], 2),
+                  "ms_per_latent_pass": round(1e3 * (med[m, "a"] - med[m, "c"]) / n, 3),
+                  "ms_per_pass_whole_step": round(1e3 * med[m, "a"] / (n + 1), 3),
+                  "per_latent_pass_ms_by_rep": [round(1e3 * (a - c) / n, 3) for a, c in zip(times[m, "a"],
+                                                                                            times[m, "c"])]}
+        _emit(res)
+        res[m]["ops"] = measure_ops(models[m], B, n)
+        _emit(res)
+        if prof:  # where the latent batch's extra host time goes, by op (self CPU time)
+            res[m]["prof"] = measure_prof(models[m], B, n, top=12)
+            _emit(res)
+    res["compiled/eager_per_latent_pass"] = round(res["compiled"]["ms_per_latent_pass"]
+                                                  / res["eager"]["ms_per_latent_pass"], 3)
+    res["compiled/eager_whole_step"] = round(med["compiled", "a"] / med["eager", "a"], 3)
+    return res
+
+
 def measure_ac(model, B, n, reps, compare_wgrad=False):
     """Interleaved repeats of a (latent) and c (plain); with compare_wgrad also a0 = a with the projections' weight
     gradients left to plain autograd (model.deferred_wgrad = False), in the same process and repeat."""
@@ -210,7 +271,7 @@ def main(argv=None):
     ap.add_argument("--what", default="syncs,vd,saved,ops,ac")
     ap.add_argument("--n", default="4,8", help="latent counts for a/c")
     ap.add_argument("--saved-n", type=int, default=6, help="latents for the saved-bytes figure (stage 3 x c=2)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (4 for --what dispatch)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="model.enable_compile() (hot-path code only)")
@@ -219,6 +280,8 @@ def main(argv=None):
                     "depend on the layer count, not the width: --small --layers 12 counts GPT-2 124M's ops)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="GPT-2 124M or SmolLM2-135M shapes")
+    ap.add_argument("--prof", action="store_true", help="with --what dispatch: profiler self-CPU time by op, "
+                    "latent vs plain batch, eager and compiled")
     ap.add_argument("--compare-wgrad", action="store_true", help="a/c also with model.deferred_wgrad = False "
                     "(plain autograd weight gradients), interleaved in the same repeats")
     args = ap.parse_args(argv)
@@ -228,10 +291,15 @@ def main(argv=None):
     P = load_probes()
     global DEVICE
     DEVICE = torch.device(args.device)
+    if args.what == "dispatch":  # its own toy models (module doc)
+        res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
+        res.update(measure_dispatch(args.batch or 4, int(args.n.split(",")[0]), args.reps, args.prof))
+        print(json.dumps(res), flush=True)
+        return
     model = build(args.small, args.layers, args.arch).to(DEVICE)
     if args.compile:
         model.enable_compile()
-    what, B = args.what.split(","), args.batch
+    what, B = args.what.split(","), args.batch or 8
     res = {"code": args.code, "device": args.device, "arch": args.arch, "batch": B, "threads": torch.get_num_threads(),
            "compile": args.compile,
            "torch": torch.__version__}

@@ -12,7 +12,7 @@ from mmcoconut.train.engine import FP16_DEFAULTS, resolve_ds_config
 DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 FILES = sorted(DIR.glob("*.json"))
 FAMILIES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload", "zero1_bf16")
-GLOBAL_BATCH = 128  # Coconut's global batch; micro-batches sized for 40-141 GB GPUs
+GLOBAL_BATCH = 128  # Coconut's global batch; micro-batches from mmcoconut/sizing.py (tests/test_sizing.py)
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,8 @@ def test_world_size_mismatch_names_the_fitting_file():
 
 def test_default_file_and_missing_file():
     ds = resolve_ds_config(_cfg(), None, world=1)  # one GPU: ZeRO-0, no partitioning overhead
-    assert ds["zero_optimization"]["stage"] == 0 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 0
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == GLOBAL_BATCH
     assert resolve_ds_config(_cfg(), None, world=2)["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="no such file"):
         resolve_ds_config(_cfg(), "ds_configs/nope.json", world=1)

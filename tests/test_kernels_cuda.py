@@ -93,3 +93,27 @@ def test_out_of_range_debug_mode_and_no_sync(use_ext, monkeypatch):
     assert (out[c.source_index < 0] == 0).all()
     torch.cuda.synchronize()  # the context is still usable (no device-side assert)
     assert inject_embeddings(c.input_ids, c.weight, c.sources, c.source_index).shape == (2, 6, 4)
+
+
+def test_cuda_op_itself_raises_out_of_range_in_debug_mode(use_ext, monkeypatch):
+    """Debug mode reaches into the CUDA op: its kernel records the first out-of-range row and the op raises
+    IndexError with the CPU op's message, even without the host-side pre-check; without it, a zero row."""
+    from mmcoconut.kernels.build import load_extension
+    ext = load_extension("cuda")
+    c = make_case(B=2, T=6, V=5, D=4, N=3, injected=0.4, device="cuda", seed=7)
+    bad_index = c.source_index.clone()
+    bad_index[1, 2] = 3
+    with pytest.raises(IndexError, match=r"out-of-range index at flat position 8 \(.*source_index=3, V=5, N=3\)"):
+        ext.forward(c.input_ids, c.weight, c.sources, bad_index, True)
+    bad_id = c.input_ids.masked_fill(c.source_index < 0, 7)
+    with pytest.raises(IndexError, match=r"input_id=7"):
+        ext.forward(bad_id, c.weight, c.sources, c.source_index, True)
+    monkeypatch.setattr(K, "check_index_range", lambda *a: None)  # only the kernel checks now
+    monkeypatch.setattr(K, "_DEBUG", True)
+    with pytest.raises(IndexError, match="out-of-range index"):
+        inject_embeddings(c.input_ids, c.weight, c.sources, bad_index)
+    monkeypatch.setattr(K, "_DEBUG", False)
+    assert (ext.forward(c.input_ids, c.weight, c.sources, bad_index, False)[1, 2] == 0).all()
+    cpu = [t.cpu() for t in (c.input_ids, c.weight, c.sources, bad_index)]
+    with pytest.raises(IndexError, match=r"out-of-range index at flat position 8 \(.*source_index=3, V=5, N=3\)"):
+        load_extension("cpu").forward(*cpu)  # the same message on CPU

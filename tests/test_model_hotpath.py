@@ -50,7 +50,9 @@ def test_one_embedding_gradient_per_microbatch(trained_mode, latents):
 
 def test_static_cache_saves_no_kv_copies(trained_mode):
     """Bytes saved for backward: the latent forward keeps about what one plain forward over the same tokens keeps
-    (a growing DynamicCache kept a K/V copy per pass: +60 % here with 6 latents)."""
+    (a growing DynamicCache kept a K/V copy per pass: +60 % here with 6 latents, when the loss still kept [B, T, V]
+    log-probabilities in both; since the loss keeps labelled rows only (loss.py) the per-pass masks and states are
+    a larger share of a smaller total: +16 %)."""
     model, tok = trained_mode
     b = make_mm_batch(model, tok, [6, 6, 6], seed=4)
     plain = dict(b, input_ids=b["input_ids"].masked_fill(b["input_ids"] == model.ids.latent, model.ids.end))
@@ -59,7 +61,7 @@ def test_static_cache_saves_no_kv_copies(trained_mode):
     out, latent_bytes = saved_activation_bytes(lambda: model(**b), exclude=params)
     assert out.n_passes == 7
     _, plain_bytes = saved_activation_bytes(lambda: model(**plain), exclude=params)
-    assert latent_bytes <= 1.15 * plain_bytes, (latent_bytes, plain_bytes)
+    assert latent_bytes <= 1.2 * plain_bytes, (latent_bytes, plain_bytes)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

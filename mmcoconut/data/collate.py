@@ -48,7 +48,7 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
                 "position_ids": _position_ids(mask), "pixel_values": _stack_pixels(rows),
                 "keys": keys, "n_latents": torch.tensor([r["n_latents"] for r in rows]),
-                "latent_plan": plan_batch(input_ids, self.ids.latent, self.ids.image, keys=keys)}
+                "latent_plan": plan_batch(input_ids, self.ids.latent, self.ids.image, keys=keys, labels=labels)}
 
 
 class GenerationCollator:

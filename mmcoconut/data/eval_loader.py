@@ -15,7 +15,7 @@ import torch
 from webdataset import WebLoader
 
 from .collate import Collator, GenerationCollator
-from .curriculum import build_example, build_prompt
+from .curriculum import IGNORE, build_example, build_prompt
 from .pipeline import RowBuilder, SkipCounter, _worker, ignore_stop_signals
 from .shardlist import ShardReader, expand_shards, shard_sizes
 
@@ -92,12 +92,14 @@ class _EvalStream(torch.utils.data.IterableDataset):
 
 
 class _WithMeta:
-    """Collator + meta/valid (val-loss batches); a class, not a lambda, so it pickles for spawned workers."""
+    """Collator + meta/valid (val-loss batches); padding rows (valid=False) get no labels, so the model's loss
+    leaves them out. A class, not a lambda, so it pickles for spawned workers."""
 
     def __init__(self, base: Collator):
         self.base = base
 
     def __call__(self, rows: list[dict]) -> dict:
+        rows = [r if r["valid"] else dict(r, labels=[IGNORE] * len(r["labels"])) for r in rows]
         return dict(self.base(rows), meta=[r["meta"] for r in rows], valid=[bool(r["valid"]) for r in rows])
 
 

@@ -11,8 +11,10 @@ reads device data on the host. Backend (env ``MMCOCONUT_INJECT``, read per call 
 implementation with one warning; ``ref`` forces the pure-PyTorch one; ``ext`` forces the extension (RuntimeError if
 it cannot be built). Deterministic backward: ``MMCOCONUT_DETERMINISTIC=1`` or
 ``torch.use_deterministic_algorithms(True)``. Index range checks (host syncs) run only in debug mode
-(``MMCOCONUT_DEBUG=1`` or :func:`set_debug`); the CPU extension always checks (host memory, no sync), the CUDA one
-writes zero rows for out-of-range indices instead of raising. Nothing is compiled at import time.
+(``MMCOCONUT_DEBUG=1`` or :func:`set_debug`): here on the host before the op, and inside the CUDA op (it records the
+first out-of-range row on the device and raises IndexError like the CPU op; outside debug mode it writes a zero row
+and reads nothing back). The CPU extension always checks (host memory, no sync). Nothing is compiled at import
+time.
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ def _torch_backward(grad, input_ids, source_index, V: int, N: int, need_weight: 
 def _inject_op(input_ids: torch.Tensor, weight: torch.Tensor, sources: torch.Tensor,
                source_index: torch.Tensor) -> torch.Tensor:
     if backend_for(weight.device) == "ext":
-        return load_extension(weight.device.type).forward(input_ids, weight, sources, source_index)
+        ext = load_extension(weight.device.type)
+        if weight.device.type == "cuda":  # range check inside the kernel in debug mode (one host read)
+            return ext.forward(input_ids, weight, sources, source_index, _DEBUG)
+        return ext.forward(input_ids, weight, sources, source_index)
     return inject_embeddings_torch(input_ids, weight, sources, source_index)
 
 

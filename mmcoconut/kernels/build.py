@@ -41,12 +41,13 @@ _CACHE: dict[str, object] = {}  # kind -> module or BaseException
 _LOCK = threading.Lock()
 _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 # kind -> (module name, sources in CSRC, cflags, cuda cflags, ldflags, first-build estimate in s on 2 cores,
-# python module?). The CPU op registers itself with TORCH_LIBRARY (torch.ops.<name>), without pybind11 and
-# torch/extension.h: a third of the compile time. The CUDA op stays a pybind11 module.
+# python module?). Both ops register themselves with TORCH_LIBRARY (torch.ops.<name>), without pybind11 and
+# torch/extension.h: a third of the compile time. The CUDA build targets TORCH_CUDA_ARCH_LIST (else the visible
+# GPUs' architectures; bench/gpu_check.sh sets the device's).
 KINDS = {
     "cpu": ("mmcoconut_inject_cpu", ["inject_cpu.cpp"], ["-O3", *_OPENMP], [], _OPENMP, 15, False),
     "cuda": ("mmcoconut_inject_cuda", ["inject_cuda.cu"], ["-O3"], ["-O3", "--expt-relaxed-constexpr"], [], 180,
-             True),
+             False),
 }
 
 

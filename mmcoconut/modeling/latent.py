@@ -45,12 +45,12 @@ from .families import (check_window, decoder_layers, kv_geometry, lm_family, ref
                        weight_grad_modules)
 from .inject import inject_embeddings
 from .kvcache import StaticKV, install as install_kv_hook
+from .loss import labelled_cross_entropy
 from .pass_plan import LatentPlan, Layout, plan_batch
 from .vision import encode_images
 from .wgrad import deferred_weight_grads
 
 
-IGNORE = -100
 DUMMY_MODES = (None, "zeros", "random")
 LATENT_SCALES = ("none", "embedding")  # model.latent_scale: the fed-back hidden state as is | at the embedding row norm
 DEBUG = os.environ.get("MMCOCONUT_DEBUG") == "1"  # re-plan from input_ids and compare with a given latent_plan
@@ -60,7 +60,7 @@ COMPILE_BUCKET = 64  # with enable_compile, sequence buffers are padded to a mul
 class MMCoconutOutput(NamedTuple):
     """A NamedTuple so that DeepSpeed ZeRO-3 finds the output tensors (its backward hooks need them)."""
     loss: Optional[torch.Tensor]
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None with return_logits=False (training: the loss never makes [B, T, V] logits)
     n_passes: int
 
 
@@ -309,28 +309,26 @@ class MMCoconut(nn.Module):
         if self.training and torch.is_grad_enabled() and self.gradient_checkpointing:
             refuse_reentrant(self._decoder_layers)
 
-    def _output(self, hidden, labels, n_passes) -> MMCoconutOutput:
-        logits = self.lm.get_output_embeddings()(hidden)
-        loss = None
-        if labels is not None:
-            lbl = labels[:, 1:].reshape(-1)
-            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), lbl,
-                                 ignore_index=IGNORE, reduction="sum")
-            loss = ce / (lbl != IGNORE).sum().clamp_min(1)
-        return MMCoconutOutput(loss=loss, logits=logits, n_passes=n_passes)
+    def _output(self, hidden, labels, n_passes, return_logits=True, label_index=None) -> MMCoconutOutput:
+        """Loss on the labelled positions only (loss.py; label_index from the plan); [B, T, V] logits on request."""
+        head = self.lm.get_output_embeddings()
+        loss = None if labels is None else labelled_cross_entropy(hidden, labels, head, label_index, check=DEBUG)
+        return MMCoconutOutput(loss=loss, logits=head(hidden) if return_logits else None, n_passes=n_passes)
 
     def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None,
                 dummy_latent: Optional[str] = None, latent_plan: Optional[LatentPlan] = None,
-                **unused) -> MMCoconutOutput:
+                return_logits: bool = True, **unused) -> MMCoconutOutput:
         """KV-cached multi-pass forward; loss = token CE over labels (HF shift, -100 ignored), mean over tokens.
-        latent_plan (from the Collator): the host-side pass layout; with it the forward reads no device data."""
+        latent_plan (from the Collator): the host-side pass layout; with it the forward reads no device data.
+        return_logits=False (training): no [B, T, V] logits at all, the loss projects the labelled positions only."""
         st = self._multipass(input_ids, attention_mask, pixel_values, position_ids, dummy_latent,
                              latent_plan=latent_plan, return_cache=False)
-        return self._output(st.hidden, labels, st.n_passes)
+        return self._output(st.hidden, labels, st.n_passes, return_logits,
+                            getattr(latent_plan, "label_index", None))
 
     def naive_forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None,
                       dummy_latent: Optional[str] = None, special_prefix: Optional[int] = None,
-                      **unused) -> MMCoconutOutput:
+                      return_logits: bool = True, **unused) -> MMCoconutOutput:
         """Reference without a cache: n + 1 full-sequence passes, pass k fills latents 0..k-1 and reads the hidden
         state that feeds latent k. Same outputs as `forward` (local n; no cross-rank sync). special_prefix: only
         the first special_prefix columns hold <image>/<latent> tokens (generated tokens are plain)."""
@@ -360,7 +358,7 @@ class MMCoconut(nn.Module):
             hidden = self._run_lm(emb, mask, pos, None)
             if pass_idx < n:
                 fills.append(self._fill(hidden[:, start + pass_idx - 1], dummy_latent))
-        return self._output(hidden[:, :latent_plan.T], labels, n + 1)
+        return self._output(hidden[:, :latent_plan.T], labels, n + 1, return_logits)
 
     # ------------------------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask, pixel_values=None, position_ids=None, max_new_tokens: int = 64,

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .loss import label_positions
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -34,7 +36,9 @@ class LatentPlan:
 
     T: batch width; first_latent: column of latent 0 of every row that has latents (0 if none does); m_local: most
     latents in a row; image_counts: <image> tokens per row; latent_counts [B] long and image_index [B,T] long (row of
-    the flattened image features, -1 elsewhere; None without <image> tokens) travel to the device with `.to`.
+    the flattened image features, -1 elsewhere; None without <image> tokens) travel to the device with `.to`, as
+    label_index [K] long does: the flat positions b * T + t whose next label is not -100, the only rows the loss
+    projects (loss.py; None when planned without labels: the model then finds them with a host read).
     """
     T: int
     first_latent: int
@@ -42,18 +46,21 @@ class LatentPlan:
     image_counts: tuple[int, ...]
     latent_counts: torch.Tensor
     image_index: Optional[torch.Tensor]
+    label_index: Optional[torch.Tensor] = None
 
     def to(self, device=None, *args, non_blocking: bool = False, **kwargs) -> "LatentPlan":
         """Move the tensors (dtype arguments are ignored: all are int64)."""
         if device is None or isinstance(device, torch.dtype):
             return self
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, latent_counts=mv(self.latent_counts), image_index=mv(self.image_index))
+        return replace(self, latent_counts=mv(self.latent_counts), image_index=mv(self.image_index),
+                       label_index=mv(self.label_index))
 
     def pin_memory(self) -> "LatentPlan":
         """DataLoader(pin_memory=True) calls this on custom batch values."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return replace(self, latent_counts=pin(self.latent_counts), image_index=pin(self.image_index))
+        return replace(self, latent_counts=pin(self.latent_counts), image_index=pin(self.image_index),
+                       label_index=pin(self.label_index))
 
     def layout(self, n: int) -> Layout:
         T = self.T
@@ -73,9 +80,10 @@ def _name_rows(rows: Sequence[int], keys: Optional[Sequence[str]]) -> str:
 
 
 def plan_batch(input_ids: torch.Tensor, latent_id: int, image_id: int, prefix: Optional[int] = None,
-               keys: Optional[Sequence[str]] = None) -> LatentPlan:
+               keys: Optional[Sequence[str]] = None, labels: Optional[torch.Tensor] = None) -> LatentPlan:
     """Plan a [B,T] batch (CPU tensor; host reads are free here). Only the first `prefix` columns (default all) are
-    searched for <image>/<latent> (generated tokens are plain tokens). Raises ValueError naming rows (and keys)
+    searched for <image>/<latent> (generated tokens are plain tokens). With `labels` [B,T] the plan also carries
+    the labelled positions (label_index) for the loss. Raises ValueError naming rows (and keys)
     when the latents are not aligned, a latent sits at column 0, or rows differ in their number of <image> tokens."""
     ids = input_ids.detach().to("cpu")
     B, T = ids.shape
@@ -106,5 +114,6 @@ def plan_batch(input_ids: torch.Tensor, latent_id: int, image_id: int, prefix: O
                              f"{img_counts.tolist()} ({_name_rows(uneven, keys)} differ)")
         rank = is_img.long().cumsum(1) - 1 + torch.arange(B)[:, None] * per_row
         image_index = torch.where(is_img, rank, -1)
+    label_index = None if labels is None else label_positions(labels.detach().to("cpu"))
     return LatentPlan(T=T, first_latent=l0, m_local=m_local, image_counts=tuple(img_counts.tolist()),
-                      latent_counts=counts, image_index=image_index)
+                      latent_counts=counts, image_index=image_index, label_index=label_index)

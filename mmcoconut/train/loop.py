@@ -230,7 +230,7 @@ def _loop(cfg, engine, loader, state, tracker, steps_per_epoch, tokenizer, proce
                 rows, mask = batch["input_ids"].shape[0], batch["attention_mask"]
                 batch = _to_device(batch, device, dtype)
                 state.batch_in_epoch += 1
-                loss = engine(**batch).loss
+                loss = engine(**batch, return_logits=False).loss  # no [B, T, V] logits (modeling/loss.py)
                 if nan_here and state.step * acc + i + 1 in nan_batches:
                     loss = loss * float("nan")
                 sync.add(loss, rows, mask)
@@ -344,11 +344,10 @@ def _validate(cfg, engine, tokenizer, processor, state, tracker, rank, world, ac
     for batch in loader:
         valid = torch.tensor(batch["valid"]).to(device, non_blocking=True)
         batch = _to_device({k: v for k, v in batch.items() if k not in ("meta", "valid")}, device, dtype)
-        logits = engine(**{**batch, "labels": None}).logits.float()
+        # the label-only loss (no [B, T, V] logits); padding rows (valid=False) have no labels (_WithMeta)
         labels = batch["labels"][:, 1:].masked_fill(~valid[:, None], -100)
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                               ignore_index=-100, reduction="sum")
-        nll, ntok = nll + ce, ntok + (labels != -100).sum()
+        n = (labels != -100).sum()
+        nll, ntok = nll + engine(**batch, return_logits=False).loss.double() * n, ntok + n
     skips = loader.skips.as_dict()
     nll, ntok, *skipped = _all_sum([nll, ntok] + [skips[r] for r in SKIP_REASONS], device)
     rec = dict(step=state.step, epoch=state.epoch, stage=state.stage, view=view,

@@ -9,12 +9,17 @@
 //   deterministic - stable sort of rows by destination, chunked two-level segmented sum in position order (its
 //                   bookkeeping uses nonzero: one host sync per call, acceptable in that mode).
 // No device->host reads in the default paths: out-of-range ids/indices never touch memory (the forward writes a
-// zero row, the backward skips the row); mmcoconut.kernels checks the ranges on the host in debug mode.
+// zero row, the backward skips the row). With check_range (mmcoconut.kernels debug mode: MMCOCONUT_DEBUG=1 or
+// set_debug) the forward records the first out-of-range row on the device and raises IndexError after the kernel,
+// with the CPU op's message (one host read, debug mode only).
+// Registered with TORCH_LIBRARY like the CPU op (torch.ops.mmcoconut_inject_cuda.{forward,backward}): no pybind11
+// or torch/extension.h.
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -38,7 +43,7 @@ template <typename Unit>
 __global__ void inject_forward_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ index,
                                       const Unit* __restrict__ weight, const Unit* __restrict__ sources,
                                       Unit* __restrict__ out, int64_t rows, int64_t units, int64_t V,
-                                      int64_t N) {
+                                      int64_t N, unsigned long long* __restrict__ first_bad) {
   const int lane = threadIdx.x % kWarp;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
@@ -52,7 +57,8 @@ __global__ void inject_forward_kernel(const int64_t* __restrict__ ids, const int
       if (t >= 0 && t < V) src = weight + t * units;
     }
     Unit* dst = out + r * units;
-    if (src == nullptr) {  // out of range: a defined (zero) row, no error flag (no host sync)
+    if (src == nullptr) {  // out of range: a defined (zero) row; recorded only when checking (debug mode)
+      if (first_bad != nullptr && lane == 0) atomicMin(first_bad, static_cast<unsigned long long>(r));
       for (int64_t u = lane; u < units; u += kWarp) dst[u] = Unit{};
       continue;
     }
@@ -62,18 +68,18 @@ __global__ void inject_forward_kernel(const int64_t* __restrict__ ids, const int
 
 template <typename Unit>
 void launch_forward(const at::Tensor& ids, const at::Tensor& index, const at::Tensor& weight,
-                    const at::Tensor& sources, at::Tensor& out, int64_t row_bytes) {
+                    const at::Tensor& sources, at::Tensor& out, int64_t row_bytes, unsigned long long* first_bad) {
   const int64_t rows = ids.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
   inject_forward_kernel<Unit><<<num_blocks(rows), kThreads, 0, stream>>>(
       ids.data_ptr<int64_t>(), index.data_ptr<int64_t>(), static_cast<const Unit*>(weight.data_ptr()),
       static_cast<const Unit*>(sources.data_ptr()), static_cast<Unit*>(out.data_ptr()), rows,
-      row_bytes / static_cast<int64_t>(sizeof(Unit)), weight.size(0), sources.size(0));
+      row_bytes / static_cast<int64_t>(sizeof(Unit)), weight.size(0), sources.size(0), first_bad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor inject_forward(const at::Tensor& ids_in, const at::Tensor& weight_in, const at::Tensor& sources_in,
-                          const at::Tensor& index_in) {
+                          const at::Tensor& index_in, bool check_range) {
   mmcoconut::check_forward_args(ids_in, weight_in, sources_in, index_in);
   TORCH_CHECK_VALUE(weight_in.is_cuda() && ids_in.device() == weight_in.device() &&
                         sources_in.device() == weight_in.device() && index_in.device() == weight_in.device(),
@@ -93,11 +99,27 @@ at::Tensor inject_forward(const at::Tensor& ids_in, const at::Tensor& weight_in,
            reinterpret_cast<uintptr_t>(sources.data_ptr()) % a == 0 &&
            reinterpret_cast<uintptr_t>(out.data_ptr()) % a == 0;
   };
-  if (aligned(16)) launch_forward<uint4>(ids, index, weight, sources, out, row_bytes);
-  else if (aligned(8)) launch_forward<uint2>(ids, index, weight, sources, out, row_bytes);
-  else if (aligned(4)) launch_forward<uint32_t>(ids, index, weight, sources, out, row_bytes);
-  else if (aligned(2)) launch_forward<uint16_t>(ids, index, weight, sources, out, row_bytes);
-  else launch_forward<uint8_t>(ids, index, weight, sources, out, row_bytes);
+  const int64_t rows = B * T;
+  // debug mode: the first out-of-range row (atomicMin), `rows` if none
+  at::Tensor first_bad;
+  unsigned long long* bad_p = nullptr;
+  if (check_range) {
+    first_bad = at::full({1}, rows, ids.options());
+    bad_p = reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>());
+  }
+  if (aligned(16)) launch_forward<uint4>(ids, index, weight, sources, out, row_bytes, bad_p);
+  else if (aligned(8)) launch_forward<uint2>(ids, index, weight, sources, out, row_bytes, bad_p);
+  else if (aligned(4)) launch_forward<uint32_t>(ids, index, weight, sources, out, row_bytes, bad_p);
+  else if (aligned(2)) launch_forward<uint16_t>(ids, index, weight, sources, out, row_bytes, bad_p);
+  else launch_forward<uint8_t>(ids, index, weight, sources, out, row_bytes, bad_p);
+  if (check_range) {
+    const int64_t bad = first_bad.item<int64_t>();  // host read: debug mode only
+    if (bad < rows) {
+      const int64_t id = ids.view({-1})[bad].item<int64_t>(), src = index.view({-1})[bad].item<int64_t>();
+      TORCH_CHECK_INDEX(false, "inject_embeddings: out-of-range index at flat position ", bad, " (input_id=", id,
+                        ", source_index=", src, ", V=", weight.size(0), ", N=", sources.size(0), ")");
+    }
+  }
   return out;
 }
 
@@ -276,8 +298,7 @@ std::vector<at::Tensor> inject_backward(const at::Tensor& grad_out, const at::Te
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mmcoconut fused embedding injection (CUDA)";
-  m.def("forward", &inject_forward, "inject_embeddings forward (CUDA)");
-  m.def("backward", &inject_backward, "inject_embeddings backward (CUDA)");
+TORCH_LIBRARY(mmcoconut_inject_cuda, m) {
+  m.def("forward", &inject_forward);
+  m.def("backward", &inject_backward);
 }
