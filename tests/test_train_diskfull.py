@@ -31,7 +31,7 @@ def _tmpfs_in_namespace() -> bool:
         shutil.rmtree(d, ignore_errors=True)
 
 
-CHECK = ("from mmcoconut.train.index import list_tags, check_complete; import sys; t = list_tags(sys.argv[1]); "
+CHECK = ("from mmcoconut.train.checkpoint.index import list_tags, check_complete; import sys; t = list_tags(sys.argv[1]); "
          "print('TAGS', t, [check_complete(sys.argv[1], x) for x in t])")
 
 
@@ -49,7 +49,7 @@ echo "FIRST_RC=$?"
 ls {run}
 {sys.executable} -c "{CHECK}" {run}
 mount -o remount,size=64m {run}
-MMCOCONUT_STOP_AFTER_STEPS=4 {train}
+MMCOCONUT_TEST_FAULTS=stop_after_steps=4 {train}
 echo "SECOND_RC=$?"
 """
     r = subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=ROOT, capture_output=True, text=True,

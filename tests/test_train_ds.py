@@ -96,7 +96,8 @@ def _losses(run_dir) -> dict[int, float]:
 
 
 # rank 0's micro-batches 5 and 21 (accumulation 2: optimizer steps 3 and 11) get a NaN loss, in every run of A
-NAN = {"MMCOCONUT_DEBUG_NAN_BATCHES": "5,21", "MMCOCONUT_DEBUG_NAN_RANKS": "0"}
+NAN_FAULTS = "nan_batches=5,21;nan_ranks=0"
+NAN = {"MMCOCONUT_TEST_FAULTS": NAN_FAULTS}
 
 
 def _same_losses(a: dict, b: dict, steps) -> None:
@@ -208,7 +209,7 @@ def test_zero3_fp16_overflow_nan_and_auto_fresh_start(setup):
                       "--train.hysteresis=1", "--train.initial_scale_power=10", "--train.num_epochs=1",
                       "--train.max_steps_per_epoch=7",
                       "--checkpoint.save_every_steps=0", f"--logging.run_dir={run}", "--checkpoint.resume=auto"],
-                  env_extra={"MMCOCONUT_DEBUG_OVERFLOW_STEPS": "3", "MMCOCONUT_DEBUG_NAN_BATCHES": "9"}))
+                  env_extra={"MMCOCONUT_TEST_FAULTS": "overflow_steps=3;nan_batches=9"}))
     assert "resume:" not in r.stdout and "ZeRO-3, fp16" in r.stdout
     recs = {rec["step"]: rec for rec in read_metrics(run, "train")}
     assert sorted(recs) == list(range(1, 8))
@@ -238,8 +239,8 @@ def test_sigterm_to_launch_sh_checkpoints_and_resumes_exactly_second_run_refused
     pause.touch()
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                NGPU="0", NPROC="2", CONFIG=str(setup / "cfg.yaml"), DS_CONFIG=str(setup / "zero2_2.json"),
-               MASTER_PORT=str(_free_port()), DEEPSPEED=DEEPSPEED, MMCOCONUT_DEBUG_PAUSE_AT_STEP="3",
-               MMCOCONUT_DEBUG_PAUSE_FILE=str(pause), **NAN)
+               MASTER_PORT=str(_free_port()), DEEPSPEED=DEEPSPEED,
+               MMCOCONUT_TEST_FAULTS=f"{NAN_FAULTS};pause_at_step=3;pause_file={pause}")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/mmcoconut/torch_extensions"))
     args = ["--train.precision=fp32", f"--logging.run_dir={run}", "--eval.val_every_epoch=true"]
     p = subprocess.Popen(["bash", str(ROOT / "launch.sh"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -327,7 +328,7 @@ def test_at_most_one_host_sync_per_optimizer_step(setup):
     counts = json.loads(line[0][len("SYNCS "):])
     steps = len(read_metrics(run, "train"))
     assert steps == 8 and "accumulation 4" in r.stdout
-    assert counts == {"stepsync.py:ready:tolist": steps}, counts  # 32 micro-batches, 8 reads
+    assert counts == {"step.py:ready:tolist": steps}, counts  # 32 micro-batches, 8 reads
     # save_every_minutes=0.03 s: every step is flagged by rank 0's clock; a flag is acted on once read (a step
     # late, or at once when a checkpoint flushes the reads): steps 2, 3 (also save_every_steps), 5, 6, epoch end
     assert json.loads((run / "checkpoints.json").read_text()) == ["step00000002", "step00000003", "step00000005",

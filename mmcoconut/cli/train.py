@@ -4,7 +4,8 @@
 PATH` (DeepSpeed's add_config_arguments spelling) and the launcher's `--local_rank=N`. Every other `--key=value` is
 a run-config override (mmcoconut.config). Several processes: `deepspeed --num_gpus N --module mmcoconut.train ...`
 or ./launch.sh; without a launcher the run is a single process (the environment DeepSpeed expects is set up here,
-so it never tries MPI discovery).
+so it never tries MPI discovery). Test-only fault injection: MMCOCONUT_TEST_FAULTS (read once here,
+mmcoconut/train/faults.py).
 """
 from __future__ import annotations
 
@@ -82,31 +83,32 @@ def main(argv=None) -> int:
         if ds_path:
             cfg.train.deepspeed_config = ds_path
         # everything that can be wrong with the configs fails here, on every rank, before any collective
-        from mmcoconut.train.checkpoint import plan_resume
-        from mmcoconut.train.engine import resolve_ds_config
+        from mmcoconut.train.checkpoint.resume import find_resume
+        from mmcoconut.train.engines import resolve_spec
+        from mmcoconut.train.faults import Faults
         from mmcoconut.train.preflight import check, check_config
 
+        faults = Faults.from_env()
         data = check_config(cfg)  # pre-flight: data, hyper-parameters, curriculum; nothing is built before it
-        ds = resolve_ds_config(cfg, world=world)
-        plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)),
-                           ds["train_micro_batch_size_per_gpu"])
-        if plan is not None and plan.universal:
-            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        check(cfg, ds, world, data)  # pre-flight: batch arithmetic of the resolved ds_config
+        spec = resolve_spec(cfg, world)
+        resume = find_resume(cfg, world, spec.zero_stage, spec.micro_batch_size)
+        if resume is not None and resume.universal:
+            from mmcoconut.train.engines.ds_config import enable_universal_load
+            enable_universal_load(spec.ds_config)
+        check(cfg, spec, data)  # pre-flight: batch arithmetic of the resolved engine settings
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 
-    from mmcoconut.train.ds_ops import init_distributed
-    from mmcoconut.train.loop import run
+    from mmcoconut.train.engines import init_distributed
+    from mmcoconut.train.trainer import run
 
     if single:
-        print("train: no launcher, running as a single process (deepspeed --num_gpus N --module mmcoconut.train "
-              "... or ./launch.sh for several)", flush=True)
-    init_distributed()
-    if rank == 0 and plan is not None:
-        print(f"resume: {cfg.run_dir}/{plan.tag}{' (universal)' if plan.universal else ''}", flush=True)
-    return run(cfg, ds, plan, rank, world)  # exit codes: README, "Preemption and exit codes"
+        print("train: no launcher, running as a single process (./launch.sh for several)", flush=True)
+    init_distributed(spec)
+    if rank == 0 and resume is not None:
+        print(f"resume: {cfg.run_dir}/{resume.tag}{' (universal)' if resume.universal else ''}", flush=True)
+    return run(cfg, spec, resume, faults)  # exit codes: docs/training.md, "Preemption and exit codes"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""Training engines behind one seam (base.py): DeepSpeed ZeRO (deepspeed.py). resolve_spec() runs before any
+process group exists (every config problem is one ConfigError on every rank); init_distributed() makes the process
+group; create_engine() the engine."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .base import Engine, EngineSpec
+
+
+def resolve_spec(cfg, world: int, ds_path: Optional[str] = None) -> EngineSpec:
+    """The engine's settings from the run config and the ds_config file. Raises ConfigError."""
+    from .ds_config import deepspeed_spec
+    return deepspeed_spec(cfg, world, ds_path)
+
+
+def init_distributed(spec: EngineSpec) -> None:
+    """The default process group (env:// from the launcher, or the single-process environment)."""
+    from .ds_ops import init_distributed as init_ds
+    init_ds()
+
+
+def create_engine(spec: EngineSpec, cfg) -> Engine:
+    """The engine, before the model exists (base.py, "two phases")."""
+    from .deepspeed import DeepSpeedEngine
+    return DeepSpeedEngine(spec, compile=cfg.train.compile, deferred_wgrad=cfg.train.deferred_wgrad)
