@@ -1,8 +1,9 @@
-"""A window with a NaN loss is skipped by the engine: DeepSpeed in every ZeRO stage x precision (engines/deepspeed.py).
+"""A window with a NaN loss is skipped by each engine: DeepSpeed in every ZeRO stage x precision (engines/deepspeed.py),
+FSDP2 in every precision (engines/fsdp.py).
 
 One subprocess per engine (world 1, gloo) builds a small engine per combination and drives it with the trainer's
 own window code (StepSync + the engine's backward_accumulate / finish_window): a good step, a window whose second
-micro-batch loss is NaN, another good step (also bf16 with check_grad_overflow=false, which
+micro-batch loss is NaN, another good step (DeepSpeed also bf16 with check_grad_overflow=false, which
 prepare_ds_config turns back on). The bad window must leave every parameter bitwise unchanged, count one skipped
 step and advance global_steps; the following good step must change the parameters and keep them finite.
 """
@@ -86,6 +87,27 @@ for zero, prec, check in combos:  # check: bf16.check_grad_overflow as a user mi
     results[name] = dict(drive(eng, params), mode=eng.mode, optimizer=type(eng.ds.optimizer).__name__)
     del eng
 print("RESULTS " + json.dumps(results))
+''', "fsdp2": COMMON + r'''
+from mmcoconut.config import load_config
+from mmcoconut.train.engines import create_engine, init_distributed
+from mmcoconut.train.engines.fsdp_config import fsdp_spec
+from mmcoconut.train.schedule import make_scheduler_factory
+
+results = {}
+for prec in ("fp32", "bf16", "fp16"):
+    cfg = load_config(data={"train": {"engine": "fsdp2", "precision": prec, "lr": 1e-2, "micro_batch_size": 4,
+                                      "gradient_accumulation_steps": 2, "initial_scale_power": 8}})
+    spec = fsdp_spec(cfg, 1)
+    if not torch.distributed.is_initialized():
+        init_distributed(spec)
+    eng = create_engine(spec, cfg).wrap(small_model(), make_scheduler_factory(cfg.train, 100))
+
+    def params():
+        return [p.full_tensor().detach().float().clone() for p in eng.module.parameters()]
+
+    scale = eng.loss_scale()
+    results[prec] = dict(drive(eng, params), scale=[scale, eng.loss_scale()])
+print("RESULTS " + json.dumps(results))
 '''}
 
 
@@ -96,7 +118,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("engine", ["deepspeed"])
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
 def test_nan_window_is_skipped_in_every_configuration(engine):
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", MMCOCONUT_CPU_FP16="1", OMP_NUM_THREADS="1",
@@ -106,9 +128,12 @@ def test_nan_window_is_skipped_in_every_configuration(engine):
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert r.returncode == 0 and line, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.loads(line[0][len("RESULTS "):])
-    assert len(res) == 13
+    assert len(res) == (13 if engine == "deepspeed" else 3)
     for combo, v in res.items():
         assert v["same"] and v["skipped"] == 1 and v["steps"] == 1, (combo, v)
         assert v["moved"] and v["finite"], (combo, v)
-    assert res["zero0-fp32"]["mode"] == "host" and res["zero2-fp32"]["mode"] == "device"
-    assert res["zero0-fp16"]["optimizer"] == "FP16_UnfusedOptimizer"  # torch's AdamW (the CPU default) in fp16
+    if engine == "deepspeed":
+        assert res["zero0-fp32"]["mode"] == "host" and res["zero2-fp32"]["mode"] == "device"
+        assert res["zero0-fp16"]["optimizer"] == "FP16_UnfusedOptimizer"  # torch's AdamW (the CPU default) in fp16
+    else:  # fp16: the skipped window backs the loss scale off, as DeepSpeed's overflow path does
+        assert res["fp16"]["scale"] == [256.0, 128.0] and res["fp32"]["scale"] == [None, None], res

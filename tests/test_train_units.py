@@ -168,3 +168,31 @@ def test_latent_lr_ratio_from_stage_one():
     opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
     make_scheduler_factory(t, 100, lambda step: 3)(opt2)
     assert opt2.param_groups[0]["lr"] == pytest.approx(4e-4)
+
+
+def test_fsdp2_batch_and_precision_come_from_the_run_config():
+    from mmcoconut.train.engines.fsdp_config import fsdp_spec
+    s = fsdp_spec(load_config(None, ["--train.engine=fsdp2"]), 2)
+    assert (s.micro_batch_size, s.accumulation, s.global_batch_size, s.precision) == (4, 1, 8, "fp32")
+    cfg = load_config(None, ["--train.engine=fsdp2", "--train.micro_batch_size=2", "--train.global_batch_size=8",
+                             "--train.precision=bf16"])
+    assert [fsdp_spec(cfg, w).accumulation for w in (1, 2, 4)] == [4, 2, 1] and fsdp_spec(cfg, 2).precision == "bf16"
+    with pytest.raises(ConfigError, match="not divisible by micro 2 x world 3"):
+        fsdp_spec(cfg, 3)
+    with pytest.raises(ConfigError, match="set only two of the three"):
+        fsdp_spec(load_config(None, ["--train.engine=fsdp2", "--train.global_batch_size=8",
+                                     "--train.gradient_accumulation_steps=3"]), 2)
+    with pytest.raises(ConfigError, match="hysteresis is DeepSpeed's"):
+        fsdp_spec(load_config(None, ["--train.engine=fsdp2", "--train.hysteresis=2"]), 2)
+    with pytest.raises(ConfigError, match="train.global_batch_size must be >= 1, and only with train.engine=fsdp2"):
+        load_config(None, ["--train.global_batch_size=8"])  # DeepSpeed: the ds_config's train_batch_size
+
+
+def test_a_checkpoint_of_the_other_engine_is_refused(tmp_path):
+    _fake_run(tmp_path, [("epoch001", 2, 2)])  # META without "engine": written by DeepSpeed
+    cfg = load_config(None, [f"--logging.run_dir={tmp_path / 'run'}", "--train.engine=fsdp2"])
+    with pytest.raises(ConfigError, match="saved by the deepspeed engine; it cannot be resumed with train.engine="
+                                          "fsdp2"):
+        find_resume(cfg, 2, None, 4)
+    cfg.train.engine = "deepspeed"
+    assert find_resume(cfg, 2, 2, 4).tag == "epoch001"

@@ -2,10 +2,12 @@
 
 `--help` lists every config key (type, default, doc) by section. Also accepted: `--deepspeed --deepspeed_config
 PATH` (DeepSpeed's add_config_arguments spelling) and the launcher's `--local_rank=N`. Every other `--key=value` is
-a run-config override (mmcoconut.config). Several processes: `deepspeed --num_gpus N --module mmcoconut.train ...`
-or ./launch.sh; without a launcher the run is a single process (the environment DeepSpeed expects is set up here,
-so it never tries MPI discovery). Test-only fault injection: MMCOCONUT_TEST_FAULTS (read once here,
-mmcoconut/train/faults.py).
+a run-config override (mmcoconut.config). Several processes: ./launch.sh, or `deepspeed --num_gpus N --module
+mmcoconut.train ...` (train.engine=deepspeed) / `torchrun --nproc_per_node N -m mmcoconut.train ...`
+(train.engine=fsdp2); without a launcher the run is a single process (the environment a process group needs is set
+up here, so DeepSpeed never tries MPI discovery). Test-only fault injection: MMCOCONUT_TEST_FAULTS (read once here,
+mmcoconut/train/faults.py). Under launch.sh's torchrun each rank leaves its exit code in MMCOCONUT_EXIT_CODE_DIR
+(torchrun itself reports any failing rank as 1).
 """
 from __future__ import annotations
 
@@ -66,7 +68,14 @@ def single_process_env(argv: list[str]) -> bool:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from mmcoconut.train.signals import record_exit_code
+
+    rc = _main(sys.argv[1:] if argv is None else argv)
+    record_exit_code(rc)  # launch.sh under torchrun: the real exit code (torchrun turns any failure into 1)
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         from mmcoconut.config_help import help_text
         prog = "mmcoconut-train" if os.path.basename(sys.argv[0]) == "mmcoconut-train" else "python -m mmcoconut.train"

@@ -60,8 +60,9 @@ def _tag_of(r, tags: list[str], run_dir: Path) -> Optional[str]:
 def find_resume(cfg, world: int, zero_stage: Optional[int] = None, micro: Optional[int] = None
                 ) -> Optional[ResumePoint]:
     """checkpoint.resume: auto (newest complete, fresh start if none) | none | 0 (fresh) | N (end of epoch N) |
-    <tag> | universal[:<tag>] (the converted copy written by `python -m mmcoconut.cli.universal`).
-    A checkpoint from another world size is loaded through its universal copy (automatically when it exists)."""
+    <tag> | universal[:<tag>] (DeepSpeed: the converted copy written by `python -m mmcoconut.cli.universal`).
+    DeepSpeed loads a checkpoint from another world size through its universal copy (automatically when it
+    exists); FSDP2's DCP checkpoints reshard on load. A checkpoint of the other engine is refused."""
     run_dir, r = Path(cfg.run_dir), cfg.checkpoint.resume
     tags = list_tags(run_dir)
     tag = _tag_of(r, tags, run_dir)
@@ -71,7 +72,17 @@ def find_resume(cfg, world: int, zero_stage: Optional[int] = None, micro: Option
         raise ConfigError(f"checkpoint.resume={r!r}: no complete checkpoint {tag!r} in {run_dir} "
                           f"(have: {tags or 'none'})")
     meta = read_meta(run_dir, tag)
+    engine, saved_by = cfg.train.engine, meta.get("engine", "deepspeed")
+    if saved_by != engine:
+        raise ConfigError(f"checkpoint {run_dir / tag} was saved by the {saved_by} engine; it cannot be resumed with "
+                          f"train.engine={engine}. Resume with --train.engine={saved_by}, or export it "
+                          "(mmcoconut-export) and start a new run from it with model.init_from")
     want_universal = isinstance(r, str) and r.startswith("universal")
+    if engine == "fsdp2":
+        if want_universal:
+            raise ConfigError(f"checkpoint.resume={r!r}: universal checkpoints are DeepSpeed's; FSDP2 checkpoints "
+                              "load on any number of ranks as they are")
+        return ResumePoint(tag, False, meta, _check_drift(cfg, run_dir, tag, meta, micro, world))
     stages = {meta["zero_stage"], zero_stage}
     if 3 in stages and len(stages) > 1:
         raise ConfigError(f"checkpoint {run_dir / tag} was saved with ZeRO-{meta['zero_stage']}; it cannot be "
