@@ -43,7 +43,7 @@ def run_once(a, extra: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-first-run-"))
     env = dict(os.environ, PYTHONPATH=str(Path(a.code).resolve()), MMCOCONUT_EXT_DIR=str(cache / "ext"),
                TORCH_EXTENSIONS_DIR=str(cache / "torch_ext"), DS_ACCELERATOR="cpu", WANDB_MODE="disabled",
-               PYTHONUNBUFFERED="1", MMCOCONUT_STOP_AFTER_STEPS=str(a.steps), BENCH_OUT=str(work / "out"))
+               PYTHONUNBUFFERED="1", MMCOCONUT_TEST_FAULTS=f"stop_after_steps={a.steps}", BENCH_OUT=str(work / "out"))
     env.update(kv.split("=", 1) for kv in a.env)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
            str(HERE / "first_run_rank.py"), "demo", "--deepspeed", a.ds_config,

@@ -77,8 +77,10 @@ class TrainConfig:
     name: str = "mmcoconut"  # run name: run dir, checkpoint dir, wandb run
     seed: int = 42  # seeds Python, NumPy, torch and the data order
     num_epochs: int = 6  # epochs in all, every curriculum stage included
-    micro_batch_size: Optional[int] = None  # per-GPU batch; default: the ds_config's train_micro_batch_size_per_gpu
-    gradient_accumulation_steps: Optional[int] = None  # default: the ds_config's; global batch = micro x this x world
+    engine: Literal["deepspeed", "fsdp2"] = "deepspeed"  # DeepSpeed ZeRO (+ ds_config) or PyTorch FSDP2 (run config)
+    micro_batch_size: Optional[int] = None  # per-GPU batch; default: the ds_config's (fsdp2: 4)
+    gradient_accumulation_steps: Optional[int] = None  # default: the ds_config's (fsdp2: from global_batch_size or 1)
+    global_batch_size: Optional[int] = None  # fsdp2: micro x accumulation x world (accumulation derived from it)
     lr: float = 1e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_steps: int = 0  # linear warm-up steps
@@ -90,14 +92,15 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metrics records
     max_nonfinite_steps: int = 5  # this many optimizer steps in a row with a NaN/inf loss stop the run
     deepspeed_config: str = ""  # set by --deepspeed; default: ds_configs/ file for the world size
-    precision: Optional[Literal["fp32", "fp16", "bf16"]] = None  # override the ds_config's
+    precision: Optional[Literal["fp32", "fp16", "bf16"]] = None  # override the ds_config's (fsdp2: default fp32)
     initial_scale_power: Optional[int] = None  # fp16 dynamic loss scaling overrides
     loss_scale_window: Optional[int] = None  # fp16: steps without overflow before the scale doubles
-    hysteresis: Optional[int] = None  # fp16: overflows tolerated before the scale halves
+    hysteresis: Optional[int] = None  # fp16: overflows tolerated before the scale halves (deepspeed only)
     min_loss_scale: Optional[float] = None  # fp16: the scale never goes below this
     compile: bool = False  # torch.compile the per-pass LM calls (CUDA: CUDA graphs for one-column passes); not ZeRO-3
     deferred_wgrad: bool = True  # eager latent passes: projection weight gradients summed in place, one per micro-batch
     gradient_checkpointing: bool = False  # recompute each decoder layer of each pass in backward (less memory)
+    fsdp_reshard_after_forward: bool = True  # fsdp2: free a block's gathered weights after its forward (False: keep)
 
 
 @dataclass
@@ -377,6 +380,9 @@ def validate(cfg: Config) -> None:
          ">= 1"),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps is None
          or t.gradient_accumulation_steps >= 1, ">= 1"),
+        ("train.global_batch_size", t.global_batch_size, t.global_batch_size is None or (
+            t.global_batch_size >= 1 and t.engine == "fsdp2"), ">= 1, and only with train.engine=fsdp2 (DeepSpeed: "
+         "the ds_config's train_batch_size)"),
         ("checkpoint.save_every_steps", ck.save_every_steps, ck.save_every_steps >= 0, ">= 0 (0: epoch ends only)"),
         ("checkpoint.save_every_minutes", ck.save_every_minutes, ck.save_every_minutes >= 0, ">= 0 (0: off)"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),

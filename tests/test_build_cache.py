@@ -1,4 +1,4 @@
-"""Extension build cache (mmcoconut.kernels.build, mmcoconut.train.ds_ops): content-keyed dirs, stale torch
+"""Extension build cache (mmcoconut.kernels.build, mmcoconut.train.engines.ds_ops): content-keyed dirs, stale torch
 locks cleared instead of waited on, one line per first build or wait, CPU ds_configs that need no DeepSpeed op
 (that a 2-rank CPU training run builds nothing is asserted in test_train_ds.py).
 
@@ -161,7 +161,7 @@ def test_cpu_ds_settings_need_no_op_compile(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the real path on this CPU machine: every shipped file
     from mmcoconut.config import load_config
-    from mmcoconut.train.engine import resolve_ds_config
+    from mmcoconut.train.engines.ds_config import resolve_ds_config
     for f in sorted((ROOT / "ds_configs").glob("*_2gpu.json")):
         ds = resolve_ds_config(load_config(None, ["--train.precision=fp32"]), str(f), world=2)
         assert ds["optimizer"]["params"]["torch_adam"] is True and ds_ops.needed_ops(ds) == [], f

@@ -206,7 +206,7 @@ def test_seed_values_mmcoconut_cannot_honour_are_clear_errors(tmp_path, line, me
 
 
 def test_ds_config_by_name_and_seed_accumulation():
-    from mmcoconut.train.engine import resolve_ds_config
+    from mmcoconut.train.engines.ds_config import resolve_ds_config
     cfg = load_config("demo", ["--train.micro_batch_size=3", "--train.gradient_accumulation_steps=2"])
     ds = resolve_ds_config(cfg, path="zero2_1gpu", world=1)
     got = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from mmcoconut.config import ConfigError, load_config
-from mmcoconut.train import drift, index
-from mmcoconut.train.lock import RunDirLocked, RunLock
+from mmcoconut.train.checkpoint import drift, index
+from mmcoconut.train.checkpoint.lock import RunDirLocked, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_second_run_refused_naming_the_holder(tmp_path):
 
 
 def test_dead_holder_is_taken_over_with_a_warning(tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mmcoconut.train.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mmcoconut.train.checkpoint.lock import RunLock; "
                                f"RunLock({str(tmp_path / 'run')!r}).acquire(); print('locked', flush=True); "
                                "time.sleep(600)"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                               stdout=subprocess.PIPE, text=True)
@@ -153,24 +153,26 @@ def test_config_yaml_history(tmp_path):
 
 # ---------------------------------------------------------------- disk full
 def test_disk_full_names_tag_and_free_space_and_keeps_previous(tmp_path):
-    from mmcoconut.train import checkpoint as ckpt
+    from mmcoconut.train.checkpoint.manager import CheckpointManager
+    from mmcoconut.train.checkpoint.states import TrainState
+    from mmcoconut.train.errors import TrainError
 
     run = tmp_path / "run"
     _tag(run, "step00000003", 3)
     index.write_index(run, ["step00000003"])
 
-    class Engine:
-        global_rank = 0
+    class Engine:  # what the manager asks of an engine when a save fails
+        rank = 0
 
-        def save_checkpoint(self, save_dir, tag, **kw):
-            (Path(save_dir) / tag).mkdir()
-            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        def save(self, run_dir, tag, client_state):
+            (Path(run_dir) / tag).mkdir()
+            (Path(run_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 6912 vs 6800")
 
     cfg = load_config(None, [f"--logging.run_dir={run}"])
-    loader = SimpleNamespace(state_dict=lambda: {})
-    with pytest.raises(ckpt.TrainError) as e:
-        ckpt.save(Engine(), cfg, ckpt.TrainState(step=6), loader, "step00000006")
+    stream = SimpleNamespace(state_dict=lambda: {})
+    with pytest.raises(TrainError) as e:
+        CheckpointManager(cfg, Engine(), TrainState(step=6), stream).save("step00000006")
     msg = str(e.value)
     assert "checkpoint step00000006 could not be written" in msg and "no space left on device" in msg
     assert " free there" in msg and "previous checkpoint step00000003 is intact" in msg

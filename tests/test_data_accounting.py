@@ -11,9 +11,9 @@ from mmcoconut.config import Config
 from mmcoconut.data.eval_loader import EvalLoader
 from mmcoconut.data.loader import StreamingLoader
 from mmcoconut.data.pipeline import SKIP_REASONS, SkipCounter
-from mmcoconut.train.checkpoint import TrainError, TrainState
-from mmcoconut.train.steplog import StepLog
-from mmcoconut.train.stepsync import StepRecord
+from mmcoconut.train.checkpoint.states import TrainState
+from mmcoconut.train.errors import TrainError
+from mmcoconut.train.step import StepBook, StepRecord
 
 
 def shards(root, n=24, per=6, no_steps=(), empty_steps=(), bad_image=()):
@@ -113,7 +113,7 @@ def test_step_log_records_skips_and_stops_on_the_fraction():
     cfg = Config()
     cfg.train.log_every, cfg.data.max_skip_fraction = 2, 0.05
     state, tr = TrainState(), _Tracker()
-    log = StepLog(cfg, state, tr, steps_per_epoch=100, world=2)
+    log = StepBook(cfg, state, tr)
     log.take([_rec(1, skips={"no_steps": 1}), _rec(2, skips={"no_steps": 2, "bad_image": 1}, bad=1)])
     train = [r for r in tr.recs if r["kind"] == "train"]
     assert len(train) == 1 and train[0]["step"] == 2 and train[0]["skipped_no_steps"] == 2
@@ -129,11 +129,11 @@ def test_step_log_records_skips_and_stops_on_the_fraction():
 def test_step_log_agreed_decisions_and_nonfinite_limit():
     cfg = Config()
     cfg.train.max_nonfinite_steps = 2
-    log = StepLog(cfg, TrainState(), _Tracker(), steps_per_epoch=100, world=2)
+    log = StepBook(cfg, TrainState(), _Tracker())
     r = _rec(1)
     r.values["stop"], r.values["save_due"] = 1, 1
     log.take([r])
-    assert log.stop and log.save_due
+    assert log.stop_seen and log.save_due
     log.take([_rec(2, bad=1)])
     with pytest.raises(TrainError, match=r"2 optimizer steps in a row had a NaN/inf loss"):
         log.take([_rec(3, bad=2)])
@@ -144,7 +144,7 @@ def test_stepsync_lag_flush_and_poison():
 
     import torch
 
-    from mmcoconut.train.stepsync import FIELDS, StepSync
+    from mmcoconut.train.step import FIELDS, StepSync
 
     sync = StepSync("cpu", world=1, lag=1)
     for step, losses in enumerate(([1.0, 3.0], [2.0, float("nan")], [4.0, 4.0]), 1):

@@ -159,7 +159,7 @@ def _word(name: str, text: str) -> bool:
 def test_environment_md_lists_every_variable_the_package_reads():
     reads = package_env_reads()
     assert {"MMCOCONUT_INJECT", "MMCOCONUT_DEBUG", "RANK", "WANDB_MODE"} <= set(reads), sorted(reads)  # the scan works
-    assert "MMCOCONUT_KEY" not in reads  # a Python constant in train/engine.py, not an environment variable
+    assert "MMCOCONUT_KEY" not in reads  # a Python identifier, not an environment variable
     text = (ROOT / "docs" / "environment.md").read_text(encoding="utf-8")
     missing = {n: files for n, files in reads.items() if not _word(n, text)}
     assert not missing, f"docs/environment.md does not list these environment variables (read in): {missing}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mmcoconut.config import ConfigError, load_config
-from mmcoconut.train.engine import FP16_DEFAULTS, resolve_ds_config
+from mmcoconut.train.engines.ds_config import FP16_DEFAULTS, resolve_ds_config
 
 DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 FILES = sorted(DIR.glob("*.json"))
@@ -128,12 +128,16 @@ def test_default_file_and_missing_file():
         resolve_ds_config(_cfg(), "ds_configs/nope.json", world=1)
 
 
-def test_train_compile_switch():
-    from mmcoconut.train.engine import MMCOCONUT_KEY
-    ds = resolve_ds_config(_cfg("--train.compile=true"), str(DIR / "zero2_2gpu.json"), world=2)
-    assert ds[MMCOCONUT_KEY] == {"compile": True}
-    assert MMCOCONUT_KEY not in resolve_ds_config(_cfg(), str(DIR / "zero2_2gpu.json"), world=2)
+def test_train_switches_are_engine_arguments_not_ds_config_keys():
+    """train.compile / train.deferred_wgrad reach the DeepSpeed engine as constructor arguments; the ds_config
+    DeepSpeed reads holds nothing of mmcoconut's."""
+    from mmcoconut.train.engines import create_engine
+    from mmcoconut.train.engines.ds_config import deepspeed_spec
+    plain = resolve_ds_config(_cfg(), str(DIR / "zero2_2gpu.json"), world=2)
+    for over in ("--train.compile=true", "--train.deferred_wgrad=false"):
+        assert resolve_ds_config(_cfg(over), str(DIR / "zero2_2gpu.json"), world=2) == plain
+    cfg = _cfg("--train.compile=true", "--train.deferred_wgrad=false")
+    engine = create_engine(deepspeed_spec(cfg, 2, str(DIR / "zero2_2gpu.json")), cfg)
+    assert (engine.compile, engine.deferred_wgrad) == (True, False) and engine.ds_config == plain
     with pytest.raises(ConfigError, match="ZeRO-3"):
         resolve_ds_config(_cfg("--train.compile=true"), str(DIR / "zero3_2gpu.json"), world=2)
-    ds = resolve_ds_config(_cfg("--train.deferred_wgrad=false"), str(DIR / "zero2_2gpu.json"), world=2)
-    assert ds[MMCOCONUT_KEY] == {"deferred_wgrad": False}

@@ -1,9 +1,11 @@
-"""launch.sh signal handling with DeepSpeed's real per-node launcher and stand-in ranks (no torch, seconds).
+"""launch.sh signal handling with DeepSpeed's real per-node launcher or real torchrun (train.engine=fsdp2) and
+stand-in ranks (no model, seconds).
 
 The stand-in runner starts `deepspeed.launcher.launch` (which, when signalled itself, SIGTERMs the ranks again and
-SIGKILLs them 30 s later) with two ranks that use mmcoconut.train.signals like the trainer: on a stop signal they
-"save" and exit 75; a second signal exits at once. launch.sh must deliver each signal to the ranks only, pass the
-exit code through, kill everything on a third signal, and leave no process behind.
+SIGKILLs them 30 s later), or torchrun, with two ranks that use mmcoconut.train.signals like the trainer: on a stop
+signal they "save" and exit 75; a second signal exits at once. launch.sh must deliver each signal to the ranks only,
+pass the exit code through (torchrun reports any failing rank as 1: the ranks' own codes must win), kill everything
+on a third signal, and leave no process behind.
 """
 import os
 import signal
@@ -28,9 +30,16 @@ p.wait()  # like DeepSpeed's runner on one node: no signal handler, the launcher
 sys.exit(p.returncode if p.returncode > 0 else 0)
 '''
 
+TORCHRUN = r'''
+import os, sys
+open(os.path.join(os.environ["FAKE_OUT"], "launcher.pid"), "w").write(str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          os.environ["FAKE_PORT"], os.environ["FAKE_RANK"]])  # torchrun itself, launch.sh's child
+'''
+
 RANK = r'''
 import os, signal, sys, time
-from mmcoconut.train.signals import EXIT_STOPPED, stop_request
+from mmcoconut.train.signals import EXIT_STOPPED, record_exit_code, stop_request
 out, rank = os.environ["FAKE_OUT"], os.environ["RANK"]
 if os.environ.get("FAKE_IGNORE"):  # a rank stuck where no signal helps
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
@@ -41,11 +50,13 @@ if os.environ.get("FAKE_IGNORE"):  # a rank stuck where no signal helps
 req = stop_request()
 open(f"{out}/rank{rank}.pid", "w").write(str(os.getpid()))
 if os.environ.get("FAKE_EXIT"):  # training finished
+    record_exit_code(int(os.environ["FAKE_EXIT"]))  # as mmcoconut/cli/train.py does
     sys.exit(int(os.environ["FAKE_EXIT"]))
 while not req.requested:
     time.sleep(0.02)
 open(f"{out}/rank{rank}.stop", "w").write(req.name)
 time.sleep(float(os.environ.get("FAKE_SAVE_S", "1")))  # "finish the step and save a checkpoint"
+record_exit_code(EXIT_STOPPED)
 sys.exit(EXIT_STOPPED)
 '''
 
@@ -65,14 +76,16 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
-def _env(tmp_path, out, **env_extra):
-    (tmp_path / "runner.py").write_text(RUNNER)
+def _env(tmp_path, out, engine="deepspeed", **env_extra):
     (tmp_path / "rank.py").write_text(RANK)
-    (tmp_path / "runner.sh").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'runner.py'} \"$@\"\n")
-    (tmp_path / "runner.sh").chmod(0o755)
+    for name, code in (("runner", RUNNER), ("torchrun", TORCHRUN)):
+        (tmp_path / f"{name}.py").write_text(code)
+        (tmp_path / f"{name}.sh").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / name}.py \"$@\"\n")
+        (tmp_path / f"{name}.sh").chmod(0o755)
     return dict(os.environ, NGPU="0", NPROC="2", CONFIG="unused", DS_CONFIG="unused", PYTHONPATH=str(ROOT),
-                DEEPSPEED=str(tmp_path / "runner.sh"), FAKE_OUT=str(out), FAKE_RANK=str(tmp_path / "rank.py"),
-                FAKE_PORT=str(_free_port()), MMCOCONUT_SIGNAL_DEDUP_S="0.5", DS_ACCELERATOR="cpu", **env_extra)
+                DEEPSPEED=str(tmp_path / "runner.sh"), TORCHRUN=str(tmp_path / "torchrun.sh"), ENGINE=engine,
+                FAKE_OUT=str(out), FAKE_RANK=str(tmp_path / "rank.py"), FAKE_PORT=str(_free_port()),
+                MMCOCONUT_SIGNAL_DEDUP_S="0.5", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
 
 
 def _start(tmp_path, **env_extra):
@@ -109,14 +122,16 @@ def _finish(p, pids, timeout=60):
     return log
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])  # SIGINT: next test
-def test_one_signal_reaches_the_ranks_once_and_75_comes_back(tmp_path, sig):
-    p, out, pids = _start(tmp_path)
+@pytest.mark.parametrize("engine,sig", [("deepspeed", signal.SIGTERM), ("deepspeed", signal.SIGUSR1),
+                                        ("fsdp2", signal.SIGTERM)])  # SIGINT: next test
+def test_one_signal_reaches_the_ranks_once_and_75_comes_back(tmp_path, engine, sig):
+    p, out, pids = _start(tmp_path, engine=engine)
     p.send_signal(sig)
     log = _finish(p, pids)
-    assert p.returncode == 75, log
+    assert p.returncode == 75, log  # under torchrun too, which itself exits 1 when a rank fails
     assert [(out / f"rank{r}.stop").read_text() for r in (0, 1)] == [sig.name] * 2, log
     assert "Main process received" not in log, log  # DeepSpeed's launcher itself was never signalled
+    assert "death signal" not in log, log  # nor torchrun
 
 
 def test_second_signal_exits_at_once(tmp_path):
@@ -131,8 +146,9 @@ def test_second_signal_exits_at_once(tmp_path):
     assert "second stop signal (SIGINT): exiting now without saving" in log
 
 
-def test_third_signal_kills_everything(tmp_path):
-    p, out, pids = _start(tmp_path, FAKE_IGNORE="1")
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_third_signal_kills_everything(tmp_path, engine):
+    p, out, pids = _start(tmp_path, engine=engine, FAKE_IGNORE="1")
     for _ in range(3):
         p.send_signal(signal.SIGTERM)
         time.sleep(0.7)
@@ -140,11 +156,12 @@ def test_third_signal_kills_everything(tmp_path):
     assert p.returncode != 0 and "killing the whole launch" in log, log
 
 
-@pytest.mark.parametrize("code", [0, 3])
-def test_exit_code_passes_through_without_signals(tmp_path, code):
+@pytest.mark.parametrize("engine,code", [("deepspeed", 0), ("deepspeed", 3), ("fsdp2", 3)])
+def test_exit_code_passes_through_without_signals(tmp_path, engine, code):
     out = tmp_path / "out"
     out.mkdir()
-    r = subprocess.run(["bash", str(ROOT / "launch.sh")], cwd=ROOT, env=_env(tmp_path, out, FAKE_EXIT=str(code)),
+    r = subprocess.run(["bash", str(ROOT / "launch.sh")], cwd=ROOT,
+                       env=_env(tmp_path, out, engine=engine, FAKE_EXIT=str(code)),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stdout + r.stderr
     assert "launch.sh: SIG" not in r.stderr and "+ " in r.stderr  # the command is shown, nothing forwarded

@@ -27,7 +27,7 @@ def _worker(rank, port, dirs, queue):
         torch.distributed.init_process_group("gloo", rank=rank, world_size=2,
                                              timeout=__import__("datetime").timedelta(seconds=60))
         from conftest import build_tiny_mmcoconut, make_mm_batch
-        from mmcoconut.train import rank_agreement
+        from mmcoconut.train.engines import rank_agreement
         model, tok = build_tiny_mmcoconut(dirs, "pooled")
         rank_agreement.install(model, stop_together=False)  # what the engine installs on a multi-rank run
         b = make_mm_batch(model, tok, BATCHES[rank], seed=rank)

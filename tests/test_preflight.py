@@ -56,15 +56,15 @@ class Reached(Exception):
 @pytest.fixture
 def sentinel(monkeypatch):
     """Replace what runs after pre-flight; `calls` records whether it was reached."""
-    import mmcoconut.train.ds_ops as ds_ops
-    import mmcoconut.train.loop as loop
+    import mmcoconut.train.engines as engines
+    import mmcoconut.train.trainer as trainer
     calls = []
 
     def reached(*a, **k):
         calls.append(a)
         raise Reached()
-    monkeypatch.setattr(ds_ops, "init_distributed", reached)
-    monkeypatch.setattr(loop, "train", reached)
+    monkeypatch.setattr(engines, "init_distributed", reached)
+    monkeypatch.setattr(trainer, "run", reached)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     return calls
 

@@ -26,17 +26,16 @@ def seed_yaml(tmp_path, d, **over):
 
 @pytest.fixture
 def reach_train(monkeypatch):
-    """Run main() up to the training loop; `got` receives (cfg, ds) as the loop would."""
-    import mmcoconut.train.ds_ops as ds_ops
-    import mmcoconut.train.loop as loop
+    """Run main() up to the trainer; `got` receives (cfg, the resolved ds_config) as the trainer would."""
+    import mmcoconut.train.engines as engines
+    import mmcoconut.train.trainer as trainer
     got = []
 
-    def train(cfg, ds, *rest):
-        got.append((cfg, ds))
+    def run(cfg, spec, *rest):
+        got.append((cfg, spec.ds_config))
         raise Reached()
-    monkeypatch.setattr(ds_ops, "init_distributed", lambda *a, **k: None)
-    monkeypatch.setattr(loop, "train", train)
-    monkeypatch.setattr(loop, "stop_request", lambda: type("S", (), {"uninstall": lambda self: None})())
+    monkeypatch.setattr(engines, "init_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "run", run)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     return got
 

@@ -1,4 +1,5 @@
-"""A real full disk (issue 13 item 8): the run dir on a small tmpfs, mounted in a user + mount namespace.
+"""A real full disk (issue 13 item 8), with each engine: the run dir on a small tmpfs, mounted in a user + mount
+namespace.
 
 The first checkpoint fits, the second does not: the run must stop with one clear error naming the tag and the
 free space (not torch's `enforce fail at inline_container.cc ... unexpected pos`), the partial dir must be gone,
@@ -31,17 +32,23 @@ def _tmpfs_in_namespace() -> bool:
         shutil.rmtree(d, ignore_errors=True)
 
 
-CHECK = ("from mmcoconut.train.index import list_tags, check_complete; import sys; t = list_tags(sys.argv[1]); "
+CHECK = ("from mmcoconut.train.checkpoint.index import list_tags, check_complete; import sys; t = list_tags(sys.argv[1]); "
          "print('TAGS', t, [check_complete(sys.argv[1], x) for x in t])")
 
 
 @pytest.mark.skipif(not _tmpfs_in_namespace(), reason="needs `unshare -rm` and a tmpfs mount in it")
-def test_disk_full_is_one_clear_error_and_the_previous_checkpoint_resumes(setup):  # noqa: F811
-    run = setup / "runFull"
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_disk_full_is_one_clear_error_and_the_previous_checkpoint_resumes(setup, engine):  # noqa: F811
+    run = setup / f"runFull-{engine}"
     run.mkdir()
-    train = (f"{DEEPSPEED} --num_gpus 1 --master_port {_free_port()} --module mmcoconut.train {setup / 'cfg.yaml'} "
-             f"--deepspeed {setup / 'zero2_1.json'} --train.precision=fp32 --logging.run_dir={run} "
-             "--train.num_epochs=1 --eval.val_every_epoch=false")
+    common = (f"{setup / 'cfg.yaml'} --train.precision=fp32 --logging.run_dir={run} --train.num_epochs=1 "
+              "--eval.val_every_epoch=false")
+    if engine == "deepspeed":
+        train = (f"{DEEPSPEED} --num_gpus 1 --master_port {_free_port()} --module mmcoconut.train {common} "
+                 f"--deepspeed {setup / 'zero2_1.json'}")
+    else:  # one process without a launcher
+        train = (f"{sys.executable} -m mmcoconut.train {common} --train.engine=fsdp2 --train.micro_batch_size=2 "
+                 "--train.gradient_accumulation_steps=4")
     script = f"""
 mount -t tmpfs -o size=1200k tmpfs {run} || exit 99
 {train}
@@ -49,7 +56,7 @@ echo "FIRST_RC=$?"
 ls {run}
 {sys.executable} -c "{CHECK}" {run}
 mount -o remount,size=64m {run}
-MMCOCONUT_STOP_AFTER_STEPS=4 {train}
+MMCOCONUT_TEST_FAULTS=stop_after_steps=4 {train}
 echo "SECOND_RC=$?"
 """
     r = subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=ROOT, capture_output=True, text=True,

@@ -1,12 +1,14 @@
-"""End-to-end DeepSpeed training on CPU: 2 processes over gloo, tiny models, synthetic shards.
+"""End-to-end training on CPU with each engine (DeepSpeed, FSDP2): 2 processes over gloo, tiny models, synthetic
+shards. Tests that take `run_a` run once per engine.
 
-Few launches, many assertions each (CI budget): run A (ZeRO-2 fp32, 2 epochs, a NaN loss injected on rank 0 in
-steps 3 and 11) serves loss-falls, checkpoints, validation, stage and non-finite records; resuming A's mid-epoch
-and epoch-end checkpoints serves exact resume across skipped NaN windows; converting A's last checkpoint serves
-elastic 2 -> 1 (with an allowed config change); one ZeRO-3 fp16 run serves loss scaling, injected overflow and
-NaN skips and `resume: auto` on an empty dir; SIGTERM to launch.sh mid-epoch (while a second run is refused)
-serves preemption -> checkpoint -> exact resume; the world-size mismatch and config drift are quick failing
-launches.
+Few launches, many assertions each (CI budget): run A (DeepSpeed ZeRO-2 fp32 | FSDP2 fp32, 2 epochs, a NaN loss
+injected on rank 0 in steps 3 and 11) serves loss-falls, checkpoints, validation, stage and non-finite records, and
+the two engines' agreement (same losses within 1e-5); resuming A's mid-epoch and epoch-end checkpoints serves exact
+resume across skipped NaN windows; A's last checkpoint on one rank serves elastic 2 -> 1 (DeepSpeed through its
+universal copy, FSDP2 resharding on load; with an allowed config change); SIGKILL mid-run serves exact resume after
+a kill; one fp16 run per engine serves loss scaling, injected overflow and NaN skips and `resume: auto` on an empty
+dir; SIGTERM to launch.sh mid-epoch (while a second run is refused) serves preemption -> checkpoint -> exact resume;
+the world-size mismatch and config drift are quick failing launches.
 """
 import json
 import os
@@ -20,12 +22,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmcoconut.train.tracking import read_metrics
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+ENGINES = ["deepspeed", "fsdp2"]
 TIMEOUT = 600  # generous: the first run on a fresh machine compiles DeepSpeed ops (60-140 s)
 
 
@@ -36,12 +41,17 @@ def _free_port() -> int:
 
 
 def launch(nproc: int, args: list[str], env_extra=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N -m mmcoconut.train ...` with a hard timeout (the whole process group dies)."""
+    """`deepspeed --num_gpus N -m mmcoconut.train ...` (or torchrun for --train.engine=fsdp2) with a hard timeout
+    (the whole process group dies)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", MMCOCONUT_CPU_FP16="1",
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/mmcoconut/torch_extensions"))
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "mmcoconut.train",
-           *args]
+    if "--train.engine=fsdp2" in args:
+        cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m",
+               "mmcoconut.train", *args]
+    else:
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module",
+               "mmcoconut.train", *args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
@@ -95,8 +105,37 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
 
+def engine_args(setup, engine: str, world: int, zero: int = 2) -> list[str]:
+    """The same batch (global 8, micro 2) for either engine: DeepSpeed's test ds_config, or FSDP2's run-config keys."""
+    if engine == "fsdp2":
+        return ["--train.engine=fsdp2", "--train.micro_batch_size=2", "--train.global_batch_size=8"]
+    return ["--deepspeed", str(setup / f"zero{zero}_{world}.json")]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (torchrun starts each rank in a session of its own: killpg misses them)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += parents.get(tree[-1], [])
+    return tree
+
+
+def copy_run(src, dst):
+    """A run dir as a killed run leaves it (metrics.jsonl dropped: the resumed run's records are compared)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("metrics.jsonl", "latest_universal", "*_universal"))
+
+
 # rank 0's micro-batches 5 and 21 (accumulation 2: optimizer steps 3 and 11) get a NaN loss, in every run of A
-NAN = {"MMCOCONUT_DEBUG_NAN_BATCHES": "5,21", "MMCOCONUT_DEBUG_NAN_RANKS": "0"}
+NAN_FAULTS = "nan_batches=5,21;nan_ranks=0"
+NAN = {"MMCOCONUT_TEST_FAULTS": NAN_FAULTS}
 
 
 def _same_losses(a: dict, b: dict, steps) -> None:
@@ -106,18 +145,33 @@ def _same_losses(a: dict, b: dict, steps) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_a(setup):
-    """ZeRO-2 fp32, 2 ranks, 2 epochs x 8 optimizer steps, checkpoints every 3 steps, validation each epoch."""
-    run, tx = setup / "runA", setup / "torch_ext"
-    r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"), "--train.precision=fp32",
-                      f"--logging.run_dir={run}", "--eval.val_every_epoch=true"],
-                  env_extra={"TORCH_EXTENSIONS_DIR": str(tx), **NAN}))
-    # CPU settings that compile no DeepSpeed op (torch AdamW, gloo without the shm comm op): nothing was built
-    assert not list(tx.rglob("*.so")) and "building DeepSpeed op" not in r.stdout, r.stdout[-3000:]
-    return run
+def run_a_of(setup):
+    """engine -> run A's dir (launched once per module): ZeRO-2 fp32 | FSDP2 fp32, 2 ranks, 2 epochs x 8 optimizer
+    steps, checkpoints every 3 steps, validation each epoch."""
+    runs = {}
+
+    def get(engine: str):
+        if engine not in runs:
+            run, tx = setup / f"runA-{engine}", setup / f"torch_ext-{engine}"
+            r = ok(launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2), "--train.precision=fp32",
+                              f"--logging.run_dir={run}", "--eval.val_every_epoch=true",
+                              "--checkpoint.export_final=true"],
+                          env_extra={"TORCH_EXTENSIONS_DIR": str(tx), **NAN}))
+            # CPU settings that compile no DeepSpeed op (torch AdamW, gloo without the shm comm op): nothing built
+            assert not list(tx.rglob("*.so")) and "building DeepSpeed op" not in r.stdout, r.stdout[-3000:]
+            runs[engine] = run
+        return runs[engine]
+    return get
 
 
-def test_zero2_trains_checkpoints_validates(run_a):
+BOTH = pytest.mark.parametrize("engine", ENGINES)
+# engine-independent code paths proven with DeepSpeed in the default suite: FSDP2's repeat is a slow test
+BOTH_FSDP2_SLOW = pytest.mark.parametrize("engine", ["deepspeed", pytest.param("fsdp2", marks=pytest.mark.slow)])
+
+
+@BOTH
+def test_trains_checkpoints_validates(run_a_of, engine):
+    run_a = run_a_of(engine)
     losses = _losses(run_a)
     assert sorted(losses) == list(range(1, 17))
     assert losses[16] < losses[1] - 0.5, losses
@@ -137,39 +191,61 @@ def test_zero2_trains_checkpoints_validates(run_a):
                     "step00000015", "epoch002"]
     assert not list((run_a / "epoch002").glob("*vision*"))  # frozen CLIP is not in the checkpoint files
     meta = json.loads((run_a / "epoch002" / "mmcoconut.json").read_text())
-    assert (meta["world_size"], meta["zero_stage"], meta["step"]) == (2, 2, 16)
+    assert (meta["engine"], meta["world_size"], meta["zero_stage"], meta["step"]) == \
+        (engine, 2, 2 if engine == "deepspeed" else None, 16)
+    # mmcoconut-export of the last checkpoint (DeepSpeed's files or FSDP2's DCP) = the live engine's export_final
+    out = run_a.parent / f"export-{engine}"
+    r = subprocess.run([sys.executable, "-m", "mmcoconut.cli.export", str(run_a), str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "epoch002 ->" in r.stdout, r.stdout + r.stderr
+    from safetensors.torch import load_file
+    a, b = load_file(out / "model.safetensors"), load_file(run_a / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sorted(a)[:5]
+    if engine == "fsdp2":  # the same run under DeepSpeed ZeRO-2: the same losses (fp32, within 1e-5 relative)
+        ds = run_a_of("deepspeed")
+        _same_losses(_losses(ds), losses, range(1, 17))
+        assert [r["val_loss"] for r in read_metrics(ds, "val")] == pytest.approx([r["val_loss"] for r in val],
+                                                                                 rel=1e-5)
 
 
-def test_exact_resume_mid_epoch(setup, run_a):
+@BOTH
+def test_exact_resume_mid_epoch(setup, run_a_of, engine):
     """Resume A's step-6 checkpoint (mid-epoch 0, after a skipped NaN window) in a fresh 2-rank run: steps 7..16
-    (another NaN window at 11) repeat A's losses. A harmless config change passes with a note."""
-    run = setup / "runA_resumed"
-    shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
-    r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"),
+    (another NaN window at 11) repeat A's losses bitwise. A harmless config change passes with a note."""
+    run_a = run_a_of(engine)
+    run = setup / f"runA_resumed-{engine}"
+    copy_run(run_a, run)
+    r = ok(launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2),
                       "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=step00000006",
                       "--checkpoint.keep_last=20"], env_extra=NAN))
     assert "resumed at step 6" in r.stdout
     assert "note: resuming" in r.stdout and "checkpoint.keep_last 10 -> 20" in r.stdout
-    _same_losses(_losses(run_a), _losses(run), range(7, 17))
+    a, b = _losses(run_a), _losses(run)
+    assert sorted(b) == list(range(7, 17)) and all(a[s] == b[s] for s in b), (a, b)
 
 
-def test_exact_resume_from_epoch_end_after_nan(setup, run_a):
+@BOTH_FSDP2_SLOW
+def test_exact_resume_from_epoch_end_after_nan(setup, run_a_of, engine):
     """Issue 13: a skipped NaN window used to leave a partial accumulation across the epoch boundary, and
     resuming from the epoch checkpoint then differed on every later step. Steps 9..16 must repeat A's."""
-    run = setup / "runA_epoch"
-    shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
-    r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"),
+    run_a = run_a_of(engine)
+    run = setup / f"runA_epoch-{engine}"
+    copy_run(run_a, run)
+    r = ok(launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2),
                       "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=epoch001"],
                   env_extra=NAN))
     assert "resumed at step 8" in r.stdout
-    _same_losses(_losses(run_a), _losses(run), range(9, 17))
+    a, b = _losses(run_a), _losses(run)
+    assert sorted(b) == list(range(9, 17)) and all(a[s] == b[s] for s in b), (a, b)
     assert [x["step"] for x in read_metrics(run, "nonfinite")] == [11]
 
 
-def test_config_drift_refused_before_any_model_is_built(setup, run_a):
-    run = setup / "runA_drift"
-    shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
-    r = launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"), "--train.precision=fp32",
+@BOTH_FSDP2_SLOW
+def test_config_drift_refused_before_any_model_is_built(setup, run_a_of, engine):
+    run_a = run_a_of(engine)
+    run = setup / f"runA_drift-{engine}"
+    copy_run(run_a, run)
+    r = launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2), "--train.precision=fp32",
                    f"--logging.run_dir={run}", "--curriculum.c_thought=3", "--train.num_epochs=3"], timeout=240)
     assert r.returncode == 2, r.stdout[-3000:]
     err = [ln for ln in r.stdout.splitlines() if ln.startswith("error:")]
@@ -178,18 +254,22 @@ def test_config_drift_refused_before_any_model_is_built(setup, run_a):
     assert (run / "config.yaml").read_text() == (run_a / "config.yaml").read_text()  # untouched
 
 
-def test_elastic_resume_2_to_1(setup, run_a):
-    """A's last checkpoint (2 ranks) -> universal -> 1 rank (same global batch, accumulation 4), one more epoch."""
-    run = setup / "runA_elastic"
-    shutil.copytree(run_a, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
-    conv = subprocess.run([sys.executable, "-m", "mmcoconut.cli.universal", str(run)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert conv.returncode == 0, conv.stdout + conv.stderr
-    assert (run / "epoch002_universal" / "zero").is_dir()
-    r = ok(launch(1, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_1.json"), "--train.precision=fp32",
+@BOTH
+def test_elastic_resume_2_to_1(setup, run_a_of, engine):
+    """A's last checkpoint (2 ranks) -> 1 rank (same global batch, accumulation 4), one more epoch: DeepSpeed through
+    its universal copy (converted first), FSDP2's DCP checkpoint resharded on load."""
+    run_a = run_a_of(engine)
+    run = setup / f"runA_elastic-{engine}"
+    copy_run(run_a, run)
+    if engine == "deepspeed":
+        conv = subprocess.run([sys.executable, "-m", "mmcoconut.cli.universal", str(run)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert conv.returncode == 0, conv.stdout + conv.stderr
+        assert (run / "epoch002_universal" / "zero").is_dir()
+    r = ok(launch(1, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 1), "--train.precision=fp32",
                       f"--logging.run_dir={run}", "--train.num_epochs=3", "--checkpoint.keep_last=2",
                       "--curriculum.max_latent_stage=3", "--checkpoint.allow_config_change=max_latent_stage"]))
-    assert "(universal)" in r.stdout and "accumulation 4" in r.stdout
+    assert ("(universal)" in r.stdout) == (engine == "deepspeed") and "accumulation 4" in r.stdout
     assert "allowed changes (checkpoint.allow_config_change): curriculum.max_latent_stage 2 -> 3" in r.stdout
     assert list((run / "config_history").glob("config-*.yaml"))  # the old config.yaml was kept, not overwritten
     a, b = _losses(run_a), _losses(run)
@@ -199,17 +279,32 @@ def test_elastic_resume_2_to_1(setup, run_a):
     assert not (run / "step00000003").exists() and not (run / "epoch002_universal").exists()
 
 
-def test_zero3_fp16_overflow_nan_and_auto_fresh_start(setup):
-    """ZeRO-3 fp16, 7 steps: an injected overflow at step 3 is skipped by DeepSpeed and halves the loss scale
-    (hysteresis 1); a NaN loss on micro-batch 9 (step 5) makes the whole window skipped through the same path
-    (a non-finite gradient: the scale halves again); resume=auto on an empty dir is fresh."""
-    run = setup / "runZ3"
-    r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero3_2.json"), "--train.precision=fp16",
-                      "--train.hysteresis=1", "--train.initial_scale_power=10", "--train.num_epochs=1",
+@pytest.mark.slow
+def test_fsdp2_resume_1_to_2(setup):
+    """FSDP2: a checkpoint of 1 rank resumes on 2 (DCP reshards; the global batch stays 8)."""
+    run = setup / "runF12"
+    args = [str(setup / "cfg.yaml"), *engine_args(setup, "fsdp2", 1), "--train.precision=fp32",
+            f"--logging.run_dir={run}", "--train.max_steps_per_epoch=3"]
+    ok(launch(1, [*args, "--train.num_epochs=1"]))
+    r = ok(launch(2, [*args, "--train.num_epochs=2"]))
+    assert "resumed at step 3" in r.stdout and "world 2, micro 2, accumulation 2" in r.stdout
+    b = _losses(run)
+    assert sorted(b) == list(range(1, 7)) and abs(b[4] - b[3]) < 0.5 and b[6] < b[1], b
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", pytest.param("fsdp2", marks=pytest.mark.slow)])
+def test_fp16_overflow_nan_and_auto_fresh_start(setup, engine):
+    """fp16, 7 steps (DeepSpeed: ZeRO-3, hysteresis 1; FSDP2: ShardedGradScaler): an injected overflow at step 3
+    is skipped and halves the loss scale; a NaN loss on micro-batch 9 (step 5) makes the whole window skipped
+    (the scale halves again, as for a non-finite gradient); resume=auto on an empty dir is fresh."""
+    run = setup / f"runFP16-{engine}"
+    knobs = ["--train.hysteresis=1"] if engine == "deepspeed" else []
+    r = ok(launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2, zero=3), "--train.precision=fp16",
+                      *knobs, "--train.initial_scale_power=10", "--train.num_epochs=1",
                       "--train.max_steps_per_epoch=7",
                       "--checkpoint.save_every_steps=0", f"--logging.run_dir={run}", "--checkpoint.resume=auto"],
-                  env_extra={"MMCOCONUT_DEBUG_OVERFLOW_STEPS": "3", "MMCOCONUT_DEBUG_NAN_BATCHES": "9"}))
-    assert "resume:" not in r.stdout and "ZeRO-3, fp16" in r.stdout
+                  env_extra={"MMCOCONUT_TEST_FAULTS": "overflow_steps=3;nan_batches=9"}))
+    assert "resume:" not in r.stdout and ("ZeRO-3, fp16" if engine == "deepspeed" else "FSDP2, fp16") in r.stdout
     recs = {rec["step"]: rec for rec in read_metrics(run, "train")}
     assert sorted(recs) == list(range(1, 8))
     assert [recs[s]["skipped_steps"] for s in (2, 3, 4, 5, 7)] == [0, 1, 1, 2, 2]
@@ -221,6 +316,41 @@ def test_zero3_fp16_overflow_nan_and_auto_fresh_start(setup):
     assert json.loads((run / "checkpoints.json").read_text()) == ["epoch001"]
 
 
+@pytest.mark.parametrize("engine", [pytest.param("deepspeed", marks=pytest.mark.slow), "fsdp2"])
+def test_sigkill_mid_run_then_exact_resume(setup, run_a_of, engine):
+    """SIGKILL to every process of a run paused after step 4 (its last checkpoint: step 3): the same command
+    again takes over the dead run's lock, resumes at step 3 and repeats run A's losses bitwise. (DeepSpeed's
+    resume from a mid-epoch checkpoint is proven by test_exact_resume_mid_epoch in the default suite.)"""
+    run_a = run_a_of(engine)
+    run, pause = setup / f"runK-{engine}", setup / f"pauseK-{engine}"
+    pause.touch()
+    args = [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2), "--train.precision=fp32",
+            f"--logging.run_dir={run}"]  # (no validation: it is RNG-neutral)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               MMCOCONUT_TEST_FAULTS=f"{NAN_FAULTS};pause_at_step=4;pause_file={pause}")
+    cmd = ([TORCHRUN, "--nproc_per_node", "2"] if engine == "fsdp2" else [DEEPSPEED, "--num_gpus", "2"]) + \
+        ["--master_port", str(_free_port()), "-m" if engine == "fsdp2" else "--module", "mmcoconut.train", *args]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not all(Path(f"{pause}.reached.{r}").exists() for r in (0, 1)):
+            assert p.poll() is None and time.time() < deadline, p.communicate()[0][-4000:] if p.poll() else "slow"
+            time.sleep(0.5)
+    finally:
+        for pid in process_tree(p.pid):  # every process of the run at once, no cleanup anywhere
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.communicate()
+    assert json.loads((run / "checkpoints.json").read_text())[-1] == "step00000003"
+    r = ok(launch(2, args, env_extra=NAN))
+    assert "resumed at step 3" in r.stdout and "taking over the lock of a run that is gone" in r.stdout
+    a, b = _losses(run_a), _losses(run)
+    assert sorted(b) == list(range(1, 17)) and all(a[s] == b[s] for s in b), (a, b)
+
+
 def test_ds_config_world_size_mismatch_is_one_clear_error(setup):
     r = launch(2, [str(setup / "cfg.yaml"), "--deepspeed", "ds_configs/zero2_1gpu.json",
                    f"--logging.run_dir={setup / 'runX'}"], timeout=120)
@@ -230,20 +360,24 @@ def test_ds_config_world_size_mismatch_is_one_clear_error(setup):
     assert "Traceback" not in r.stdout
 
 
-def test_sigterm_to_launch_sh_checkpoints_and_resumes_exactly_second_run_refused(setup, run_a):
+@BOTH_FSDP2_SLOW
+def test_sigterm_to_launch_sh_checkpoints_and_resumes_exactly_second_run_refused(setup, run_a_of, engine):
     """Preemption as a scheduler does it: SIGTERM to launch.sh mid-epoch. Both ranks stop at the same step
-    boundary, save, exit 75 and leave nothing running; a second run on the busy run dir is refused naming the
-    holder; resuming gives exactly run A's losses (NaN windows included)."""
-    run, pause = setup / "runS", setup / "pause"
+    boundary, save, exit 75 (through torchrun too) and leave nothing running; a second run on the busy run dir is
+    refused naming the holder; resuming gives exactly run A's losses (NaN windows included). FSDP2's SIGTERM
+    through launch.sh is also in tests/test_multinode.py (default suite)."""
+    run_a = run_a_of(engine)
+    run, pause = setup / f"runS-{engine}", setup / f"pause-{engine}"
     pause.touch()
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                NGPU="0", NPROC="2", CONFIG=str(setup / "cfg.yaml"), DS_CONFIG=str(setup / "zero2_2.json"),
-               MASTER_PORT=str(_free_port()), DEEPSPEED=DEEPSPEED, MMCOCONUT_DEBUG_PAUSE_AT_STEP="3",
-               MMCOCONUT_DEBUG_PAUSE_FILE=str(pause), **NAN)
+               MASTER_PORT=str(_free_port()), DEEPSPEED=DEEPSPEED, TORCHRUN=TORCHRUN, ENGINE=engine,
+               MMCOCONUT_TEST_FAULTS=f"{NAN_FAULTS};pause_at_step=3;pause_file={pause}")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/mmcoconut/torch_extensions"))
     args = ["--train.precision=fp32", f"--logging.run_dir={run}", "--eval.val_every_epoch=true"]
-    p = subprocess.Popen(["bash", str(ROOT / "launch.sh"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    fsdp2_batch = engine_args(setup, engine, 2)[1:] if engine == "fsdp2" else []  # (launch.sh adds the engine)
+    p = subprocess.Popen(["bash", str(ROOT / "launch.sh"), *args, *fsdp2_batch], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + TIMEOUT
         while not all(Path(f"{pause}.reached.{r}").exists() for r in (0, 1)):
@@ -272,10 +406,66 @@ def test_sigterm_to_launch_sh_checkpoints_and_resumes_exactly_second_run_refused
     ranks = [int(x) for x in fwd[0].split()]
     assert len(ranks) == 2 and not [pid for pid in ranks if Path(f"/proc/{pid}").exists()], ranks
     assert not (run / "run.lock").read_text().strip()  # released on the way out
-    r = ok(launch(2, [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"), *args], env_extra=NAN))
+    r = ok(launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2), *args], env_extra=NAN))
     assert "resumed at step 5" in r.stdout
     _same_losses(_losses(run_a), _losses(run), range(1, 17))  # the stopped part and the resumed part
 
+
+
+@BOTH
+def test_two_nodes_stop_by_a_signal_on_one_and_resume_exactly(setup, run_a_of, engine):
+    """Two "nodes" on this machine over loopback, one rank each, each started by launch.sh as a user would on its
+    node (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT; DeepSpeed: HOSTFILE, its launcher with --no_ssh; FSDP2:
+    torchrun --nnodes 2 --node_rank N). SIGTERM to node 1's launch.sh after step 3: both nodes save the same step
+    and exit 75; the same two commands again resume and repeat run A's losses (2 ranks on one node) bitwise."""
+    run_a = run_a_of(engine)
+    run, pause = setup / f"runN-{engine}", setup / f"pauseN-{engine}"
+    (setup / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    args = ["--train.precision=fp32", f"--logging.run_dir={run}",  # (no validation: it is RNG-neutral)
+            *(engine_args(setup, engine, 2)[1:] if engine == "fsdp2" else [])]
+    port = str(_free_port())
+
+    def node(rank: int, faults: str):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+                   OMP_NUM_THREADS="1", NGPU="0", NPROC="1", NNODES="2", NODE_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CONFIG=str(setup / "cfg.yaml"),
+                   DS_CONFIG=str(setup / "zero2_2.json"), HOSTFILE=str(setup / "hostfile"), DEEPSPEED=DEEPSPEED,
+                   TORCHRUN=TORCHRUN, ENGINE=engine, MMCOCONUT_TEST_FAULTS=faults)
+        return subprocess.Popen(["bash", str(ROOT / "launch.sh"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def finish(nodes):
+        outs = []
+        for p in nodes:
+            try:
+                outs.append(p.communicate(timeout=TIMEOUT)[0])
+            except BaseException:
+                for q in nodes:
+                    os.killpg(q.pid, signal.SIGKILL)
+                raise
+        return outs
+
+    pause.touch()
+    nodes = [node(r, f"{NAN_FAULTS};pause_at_step=3;pause_file={pause}") for r in (0, 1)]
+    deadline = time.time() + TIMEOUT
+    while not all(Path(f"{pause}.reached.{r}").exists() for r in (0, 1)):
+        if any(p.poll() is not None for p in nodes) or time.time() > deadline:
+            outs = finish(nodes)
+            pytest.fail("a node ended before step 3:\n" + "\n".join(o[-3000:] for o in outs))
+        time.sleep(0.5)
+    nodes[1].send_signal(signal.SIGTERM)
+    time.sleep(1)
+    pause.unlink()
+    outs = finish(nodes)
+    assert [p.returncode for p in nodes] == [75, 75], "\n".join(o[-3000:] for o in outs)
+    stopped = re.findall(r"train: stopped at step (\d+) \(epoch 0\): a stop signal reached another rank", outs[0])
+    assert stopped and "SIGTERM received" in outs[1], outs[0][-3000:]  # rank 0 (node 0) was not signalled
+    tag = f"step{int(stopped[0]):08d}"
+    assert json.loads((run / "checkpoints.json").read_text())[-1] == tag
+    outs = finish([node(r, NAN_FAULTS) for r in (0, 1)])
+    assert f"resumed at step {int(stopped[0])}" in outs[0], outs[0][-3000:]
+    a, b = _losses(run_a), _losses(run)
+    assert sorted(b) == list(range(1, 17)) and all(a[s] == b[s] for s in b), (a, b)
 
 SYNC_PROBE = r'''
 import collections, json, os, sys
@@ -327,7 +517,7 @@ def test_at_most_one_host_sync_per_optimizer_step(setup):
     counts = json.loads(line[0][len("SYNCS "):])
     steps = len(read_metrics(run, "train"))
     assert steps == 8 and "accumulation 4" in r.stdout
-    assert counts == {"stepsync.py:ready:tolist": steps}, counts  # 32 micro-batches, 8 reads
+    assert counts == {"step.py:ready:tolist": steps}, counts  # 32 micro-batches, 8 reads
     # save_every_minutes=0.03 s: every step is flagged by rank 0's clock; a flag is acted on once read (a step
     # late, or at once when a checkpoint flushes the reads): steps 2, 3 (also save_every_steps), 5, 6, epoch end
     assert json.loads((run / "checkpoints.json").read_text()) == ["step00000002", "step00000003", "step00000005",

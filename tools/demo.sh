@@ -42,7 +42,7 @@ else
     --image-size 64 --no-choices-in-question --no-progress
 fi
 
-step 3 "train through the curriculum: 2 CPU processes, DeepSpeed ZeRO-2, fp32 (config mmcoconut/configs/demo.yaml)"
+step 3 "train through the curriculum: 2 CPU processes, engine ${ENGINE:-deepspeed} (ENGINE=fsdp2: FSDP2), fp32 (config mmcoconut/configs/demo.yaml)"
 # fp32 (train.precision in demo.yaml): DeepSpeed's CPU fp16 needs AVX512-FP16/AMX, which most CPUs lack
 CONFIG=demo NGPU=0 ./launch.sh ${EXTRA[@]+"${EXTRA[@]}"}
 

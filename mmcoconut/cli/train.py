@@ -2,9 +2,12 @@
 
 `--help` lists every config key (type, default, doc) by section. Also accepted: `--deepspeed --deepspeed_config
 PATH` (DeepSpeed's add_config_arguments spelling) and the launcher's `--local_rank=N`. Every other `--key=value` is
-a run-config override (mmcoconut.config). Several processes: `deepspeed --num_gpus N --module mmcoconut.train ...`
-or ./launch.sh; without a launcher the run is a single process (the environment DeepSpeed expects is set up here,
-so it never tries MPI discovery).
+a run-config override (mmcoconut.config). Several processes: ./launch.sh, or `deepspeed --num_gpus N --module
+mmcoconut.train ...` (train.engine=deepspeed) / `torchrun --nproc_per_node N -m mmcoconut.train ...`
+(train.engine=fsdp2); without a launcher the run is a single process (the environment a process group needs is set
+up here, so DeepSpeed never tries MPI discovery). Test-only fault injection: MMCOCONUT_TEST_FAULTS (read once here,
+mmcoconut/train/faults.py). Under launch.sh's torchrun each rank leaves its exit code in MMCOCONUT_EXIT_CODE_DIR
+(torchrun itself reports any failing rank as 1).
 """
 from __future__ import annotations
 
@@ -65,7 +68,14 @@ def single_process_env(argv: list[str]) -> bool:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from mmcoconut.train.signals import record_exit_code
+
+    rc = _main(sys.argv[1:] if argv is None else argv)
+    record_exit_code(rc)  # launch.sh under torchrun: the real exit code (torchrun turns any failure into 1)
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         from mmcoconut.config_help import help_text
         prog = "mmcoconut-train" if os.path.basename(sys.argv[0]) == "mmcoconut-train" else "python -m mmcoconut.train"
@@ -87,19 +97,21 @@ def main(argv=None) -> int:
             cfg.train.gradient_accumulation_steps = 1  # the seed's global batch: batch_size_training x ranks
         # everything that can be wrong with the configs fails here, on every rank, before any collective
         from mmcoconut.seed_config import batch_note
-        from mmcoconut.train.checkpoint import plan_resume
-        from mmcoconut.train.engine import default_ds_config, resolve_ds_config
+        from mmcoconut.train.checkpoint.resume import find_resume
+        from mmcoconut.train.engines import resolve_spec
+        from mmcoconut.train.engines.ds_config import default_ds_config, enable_universal_load
+        from mmcoconut.train.faults import Faults
         from mmcoconut.train.preflight import check, check_config
 
+        faults = Faults.from_env()
         data = check_config(cfg, world)  # pre-flight: data, hyper-parameters, curriculum; nothing is built before it
-        ds = resolve_ds_config(cfg, world=world)
-        plan = plan_resume(cfg, world, int(ds.get("zero_optimization", {}).get("stage", 0)),
-                           ds["train_micro_batch_size_per_gpu"])
-        if plan is not None and plan.universal:
-            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        notes = getattr(cfg, "notes", []) + check(cfg, ds, world, data)  # pre-flight: batch arithmetic
-        if seed_batch:
-            notes.append(batch_note(ds, world, cfg.train.deepspeed_config or default_ds_config(world).name,
+        spec = resolve_spec(cfg, world)
+        resume = find_resume(cfg, world, spec.zero_stage, spec.micro_batch_size)
+        if resume is not None and resume.universal:
+            enable_universal_load(spec.ds_config)
+        notes = getattr(cfg, "notes", []) + check(cfg, spec, data)  # pre-flight: batch arithmetic of the engine
+        if seed_batch and spec.name == "deepspeed":
+            notes.append(batch_note(spec.ds_config, world, cfg.train.deepspeed_config or default_ds_config(world).name,
                                     explicit_ds))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -107,16 +119,15 @@ def main(argv=None) -> int:
     for note in notes if rank == 0 else ():
         print(f"note: {note}", flush=True)
 
-    from mmcoconut.train.ds_ops import init_distributed
-    from mmcoconut.train.loop import run
+    from mmcoconut.train.engines import init_distributed
+    from mmcoconut.train.trainer import run
 
     if single:
-        print("train: no launcher, running as a single process (deepspeed --num_gpus N --module mmcoconut.train "
-              "... or ./launch.sh for several)", flush=True)
-    init_distributed()
-    if rank == 0 and plan is not None:
-        print(f"resume: {cfg.run_dir}/{plan.tag}{' (universal)' if plan.universal else ''}", flush=True)
-    return run(cfg, ds, plan, rank, world)  # exit codes: README, "Preemption and exit codes"
+        print("train: no launcher, running as a single process (./launch.sh for several)", flush=True)
+    init_distributed(spec)
+    if rank == 0 and resume is not None:
+        print(f"resume: {cfg.run_dir}/{resume.tag}{' (universal)' if resume.universal else ''}", flush=True)
+    return run(cfg, spec, resume, faults)  # exit codes: docs/training.md, "Preemption and exit codes"
 
 
 if __name__ == "__main__":

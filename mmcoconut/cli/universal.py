@@ -1,11 +1,11 @@
 """`python -m mmcoconut.cli.universal RUN_DIR [--tag TAG]`: convert a run's checkpoint to a DeepSpeed universal
-checkpoint, so it resumes on another number of ranks (mmcoconut/train/universal.py says how)."""
+checkpoint, so it resumes on another number of ranks (mmcoconut/train/checkpoint/universal.py says how)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmcoconut.train import universal
+from mmcoconut.train.checkpoint import universal
 
 
 def main(argv=None) -> int:

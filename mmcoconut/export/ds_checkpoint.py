@@ -1,8 +1,10 @@
-"""DeepSpeed checkpoints of any ZeRO stage -> an MMCoconut in one CPU process (no launcher, no process group).
+"""Training checkpoints -> an MMCoconut in one CPU process (no launcher, no process group): DeepSpeed's of any
+ZeRO stage, and FSDP2's DCP checkpoints (dcp_checkpoint.py).
 
 `find_checkpoint(path)` accepts a run dir, a checkpoint root (with `latest`) or a tag dir; `load_checkpoint(path)`
 consolidates the weights to fp32 (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint; ZeRO-0: the module weights
-in the model-states file) and takes the resolved config from the checkpoint's client_state (or config.yaml).
+in the model-states file; DCP: resharded to whole tensors) and takes the resolved config from the checkpoint's
+client_state (or config.yaml).
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Optional
 
 import torch
 
+from .dcp_checkpoint import dcp_config, dcp_state_dict, is_dcp_checkpoint
+
 
 def _has_model_states(d: Path) -> bool:
-    return bool(glob.glob(str(d / "*model_states.pt")))
+    return bool(glob.glob(str(d / "*model_states.pt"))) or is_dcp_checkpoint(d)
 
 
 def find_checkpoint(path, tag: Optional[str] = None) -> tuple[Path, str]:
@@ -41,7 +45,8 @@ def find_checkpoint(path, tag: Optional[str] = None) -> tuple[Path, str]:
     tags = _tags(p)
     if tags:
         raise ValueError(f"{p}: no 'latest' file; pass a tag dir, one of {tags}")
-    raise FileNotFoundError(f"{p}: not a DeepSpeed checkpoint (no 'latest' file, no *model_states.pt)")
+    raise FileNotFoundError(f"{p}: not a training checkpoint (no 'latest' file, no *model_states.pt, no DCP "
+                            ".metadata)")
 
 
 def _tags(p: Path) -> list[str]:
@@ -78,7 +83,10 @@ def _config_in(obj, depth: int = 0) -> Optional[dict]:
 
 
 def checkpoint_config(root: Path, tag: str) -> tuple[dict, dict]:
-    """(resolved config dict, model-states dict) of a checkpoint: client_state first, then config.yaml files."""
+    """(resolved config dict, model-states dict) of a checkpoint: client_state first, then config.yaml files.
+    An FSDP2 (DCP) checkpoint has no model-states dict: (config, None)."""
+    if is_dcp_checkpoint(root / tag):
+        return dcp_config(root / tag), None
     states = torch.load(_model_states_file(root / tag), map_location="cpu", weights_only=False)
     found = _config_in(states)
     if found is None:
@@ -95,6 +103,8 @@ def checkpoint_config(root: Path, tag: str) -> tuple[dict, dict]:
 def consolidated_state_dict(root: Path, tag: str, states: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """fp32 module state dict of any ZeRO stage (0: the module weights stored in the model-states file)."""
     tag_dir = root / tag
+    if is_dcp_checkpoint(tag_dir):
+        return dcp_state_dict(tag_dir)
     if glob.glob(str(tag_dir / "*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
@@ -111,7 +121,7 @@ def consolidated_state_dict(root: Path, tag: str, states: Optional[dict] = None)
 
 
 def load_checkpoint(path, tag: Optional[str] = None, overrides: Optional[list[str]] = None, device="cpu"):
-    """(model, tokenizer, image_processor, cfg, info) from a DeepSpeed checkpoint (root, tag or run dir).
+    """(model, tokenizer, image_processor, cfg, info) from a DeepSpeed or FSDP2 checkpoint (root, tag or run dir).
 
     Parameters absent from the checkpoint (frozen vision tower saved with exclude_frozen_parameters) keep the
     weights `build_model` loaded from cfg.model.vision_id; anything else missing is an error.

@@ -182,41 +182,16 @@ def load_any(path, tag: Optional[str] = None, overrides: Optional[list[str]] = N
 
 
 # --------------------------------------------------------------------------- live engine (end of training)
-def full_state_dict(module, rank: int) -> Optional[dict]:
-    """fp32 weights of a DeepSpeed engine's module, on rank 0 (None elsewhere). Collective: every rank calls it.
-
-    Trainable parameters: DeepSpeed's fp32 master copy (safe_get_full_fp32_param; ZeRO-1/2/3 and bf16). Others
-    (frozen, or ZeRO-0 without master copies): the module parameter, gathered under ZeRO-3, cast to fp32.
-    """
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    persistent = set(module.state_dict().keys())
-    out = {}
-    for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None
-        if full is None and hasattr(p, "ds_id"):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                full = p.data.detach().clone()
-        elif full is None:
-            full = p.detach()
-        if rank == 0:
-            out[name] = full.float().cpu().clone()
-    for name, b in module.named_buffers():
-        if name in persistent and rank == 0:
-            out[name] = b.detach().cpu().clone()
-    return out if rank == 0 else None
-
-
-def export_engine(engine, cfg, state, tokenizer, image_processor, rank: int, out_dir=None) -> Optional[Path]:
-    """checkpoint.export_final: write `<run dir>/export` from the live engine once training finished all epochs.
-    Every rank must call it (the weights are gathered collectively); rank 0 writes."""
+def export_engine(engine, cfg, state, tokenizer, image_processor, out_dir=None) -> Optional[Path]:
+    """checkpoint.export_final: write `<run dir>/export` from the live engine (mmcoconut.train.engines: DeepSpeed
+    or FSDP2) once training finished all epochs. Every rank must call it (the weights are gathered collectively);
+    rank 0 writes."""
     if not (state.epoch_done and state.epoch + 1 >= cfg.train.num_epochs):
-        if rank == 0:
+        if engine.rank == 0:
             print("export: skipped (checkpoint.export_final): training stopped before its last epoch", flush=True)
         return None
-    sd = full_state_dict(engine.module, rank)
-    if rank != 0:
+    sd = engine.full_state_dict()  # fp32, on rank 0
+    if engine.rank != 0:
         return None
     from mmcoconut.modeling import MMCoconutForConditionalGeneration
 
@@ -254,5 +229,5 @@ def find_eval_results(checkpoint: str, run_dir: Optional[str] = None) -> Optiona
 
 
 __all__ = ["save_export", "save_hf", "to_hf", "hf_config", "load_export", "load_hf", "load_any", "is_export",
-           "export_engine", "full_state_dict", "find_eval_results", "portable", "load_checkpoint",
+           "export_engine", "find_eval_results", "portable", "load_checkpoint",
            "find_checkpoint", "checkpoint_config", "consolidated_state_dict"]

@@ -1,5 +1,5 @@
 """C++/CUDA extension builds: the injection op (CPU and CUDA modules) and the build cache they share with
-DeepSpeed's op builds (mmcoconut/train/ds_ops.py).
+DeepSpeed's op builds (mmcoconut/train/engines/ds_ops.py).
 
 Cache: ``$MMCOCONUT_EXT_DIR`` (default ``~/.cache/mmcoconut/extensions``) ``/<name>-<tag>-<key>/``, where key
 hashes what determines the binary: torch version/commit/CUDA, Python ABI, machine, compiler identity, flags and

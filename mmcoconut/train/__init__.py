@@ -1,5 +1,8 @@
-"""DeepSpeed training: `python -m mmcoconut.train CONFIG --deepspeed ds_configs/X.json` (mmcoconut/cli/train.py).
+"""Training: `python -m mmcoconut.train CONFIG [--train.engine=deepspeed|fsdp2]` (mmcoconut/cli/train.py).
 
-engine.py (ds_config resolution, deepspeed.initialize), schedule.py (LR), loop.py (the loop), checkpoint.py
-(save/resume/keep-last), universal.py (elastic resume), tracking.py (metrics.jsonl, wandb).
+trainer.py (the Trainer: set-up, epochs, train_step), step.py (one step's collective, bookkeeping and decision),
+batches.py (the batch stream), validate.py, faults.py (test-only fault injection), schedule.py (LR),
+engines/ (base.py: the seam; deepspeed.py + ds_config.py + ds_ops.py; fsdp.py + fsdp_config.py; rank_agreement.py),
+checkpoint/ (manager.py: save/restore of every state; resume.py, index.py, lock.py, drift.py, universal.py),
+signals.py (stop requests), tracking.py (metrics.jsonl, wandb), preflight.py (checks before anything is built).
 """

@@ -1,6 +1,6 @@
 """Pre-flight: everything checkable from the config, before any model is built or process group exists.
 
-`python -m mmcoconut.train` calls check_config() and, once the ds_config is resolved, check() on every rank; a
+`python -m mmcoconut.train` calls check_config() and, once the engine's settings are resolved, check() on every rank; a
 problem is one ConfigError naming the config key, printed as one `error: ...` line with exit code 2. (Checks of
 the config alone, ranges and cross-field rules, ran in config.validate() when it was loaded.) Checks and fixes:
 local model paths made absolute (a missing one, model.init_from included, is an error: model_paths.py); a raw
@@ -41,11 +41,12 @@ def check_config(cfg, world: int = 1) -> dict:
     return {"urls": urls, "samples": samples, "notes": notes}
 
 
-def check(cfg, ds: dict, world: int, data: dict | None = None) -> list[str]:
+def check(cfg, engine_spec, data: dict | None = None) -> list[str]:
     """Everything: check_config (unless its result `data` is given) and the batch arithmetic of the resolved
-    ds_config for `world` processes. Raises ConfigError (one line); returns check_config's notes."""
-    data = data or check_config(cfg, world)
-    _batches(cfg, ds, world, data["samples"], len(data["urls"]))
+    engine settings (engines/base.py EngineSpec: micro-batch, accumulation, world). Raises ConfigError (one line);
+    returns check_config's notes."""
+    data = data or check_config(cfg, engine_spec.world)
+    _batches(cfg, engine_spec, data["samples"], len(data["urls"]))
     return data["notes"]
 
 
@@ -130,10 +131,10 @@ def _sizes(urls: list[str], key: str, count_missing: bool = False) -> list[int]:
 
 
 # ---------------------------------------------------------------- batch arithmetic
-def _batches(cfg, ds: dict, world: int, samples: int, n_shards: int) -> None:
+def _batches(cfg, engine_spec, samples: int, n_shards: int) -> None:
     from mmcoconut.data.loader import batches_per_rank, check_worker_shards
 
-    micro, acc = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    micro, acc, world = engine_spec.micro_batch_size, engine_spec.accumulation, engine_spec.world
     spec = cfg.data.train_shards
     try:
         n_batches = batches_per_rank(spec, samples, world, micro)
@@ -144,7 +145,7 @@ def _batches(cfg, ds: dict, world: int, samples: int, n_shards: int) -> None:
         raise ConfigError(
             f"data.train_shards: {samples} samples per epoch give {n_batches} micro-batches of {micro} per rank "
             f"(world {world}) < gradient_accumulation_steps {acc}: not one optimizer step per epoch; use more data "
-            f"or a smaller global batch (ds_config train_batch_size {ds['train_batch_size']})")
+            f"or a smaller global batch (now {engine_spec.global_batch_size})")
 
 
 # ---------------------------------------------------------------- curriculum vs data

@@ -25,6 +25,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DEDUP_S = float(os.environ.get("MMCOCONUT_SIGNAL_DEDUP_S", "3"))
 
 
+def record_exit_code(code: int) -> None:
+    """Under launch.sh's torchrun (which reports any failing rank as 1): leave this rank's exit code in
+    MMCOCONUT_EXIT_CODE_DIR/rank<RANK> for launch.sh to pass on."""
+    code_dir = os.environ.get("MMCOCONUT_EXIT_CODE_DIR")
+    if code_dir:
+        try:
+            with open(os.path.join(code_dir, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
+
+
 def _say(msg: str) -> None:
     try:
         os.write(2, (msg + "\n").encode())
@@ -95,6 +107,7 @@ class StopRequest:
         else:
             last = f" (last checkpoint: {self.last_checkpoint})" if self.last_checkpoint else ""
             _say(f"{self.label}: second stop signal ({name}): exiting now without saving{last}")
+            record_exit_code(128 + signum)
             os._exit(128 + signum)
 
 

@@ -50,7 +50,7 @@ class Tracker:
         self.config_moved, self.config_changes = None, {}
         if not self.enabled:
             return
-        from .drift import write_config
+        from .checkpoint.drift import write_config
 
         self.dir = Path(cfg.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ class Tracker:
             return None
         import wandb
 
-        from .index import atomic_write
+        from .checkpoint.index import atomic_write
 
         id_file = self.dir / WANDB_ID_FILE
         run_id = os.environ.get("WANDB_RUN_ID")
