@@ -137,13 +137,13 @@ def test_a_torch_lock_held_by_a_live_process_is_kept(tmp_path, capfd):
     finally:
         holder.stdin.close()
         holder.wait(timeout=HANG)
-    from mmcoconut.train import ds_ops
+    from mmcoconut.train.engines import ds_ops
     ds_ops.clear_stale_locks(tmp_path)  # now nobody holds it: removed with a warning
     assert not lock.exists() and "warning: removing the stale build lock" in capfd.readouterr().err
 
 
 def test_cpu_ds_settings_need_no_op_compile(monkeypatch):
-    from mmcoconut.train import ds_ops
+    from mmcoconut.train.engines import ds_ops
     monkeypatch.setattr(ds_ops, "is_cpu", lambda: True)
     adamw = lambda **p: {"optimizer": {"type": "AdamW", "params": dict(lr=1e-4, **p)}}  # noqa: E731
     params = ds_ops.cpu_defaults(adamw())["optimizer"]["params"]

@@ -37,7 +37,7 @@ DS_SCRIPT = textwrap.dedent('''
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
           "zero_optimization": {"stage": 2}}
-    from mmcoconut.train import ds_ops
+    from mmcoconut.train.engines import ds_ops
     ds_ops.init_distributed()  # the trainer's path: gloo, no DeepSpeed op compiled on CPU
     engine, *_ = deepspeed.initialize(model=model, config=ds,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
