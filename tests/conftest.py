@@ -161,3 +161,32 @@ def family_mm(family_dirs, tiny_mm):
             cache[arch, mode] = build_tiny_mmcoconut(family_dirs(arch), mode)
         return cache[arch, mode]
     return get
+
+
+# ---------------------------------------------------------------- spawned ranks (test_fsdp.py, test_model_dist.py)
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_spawned_ranks(worker, world: int, args: tuple, timeout: float = 600) -> dict:
+    """Start `worker(rank, port, *args, queue)` in `world` spawned processes; {rank: rest of what it put}."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, *args, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, *rest = queue.get(timeout=timeout)
+            results[rank] = rest[0] if len(rest) == 1 else rest
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+    return results

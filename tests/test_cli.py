@@ -171,7 +171,7 @@ def test_seed_flat_config_runs_as_one_process_without_a_launcher(export_dir, tin
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-6000:]
     assert "running as a single process" in out and "mpi4py" not in out
-    assert f"init: " in out and str(export_dir) in out
+    assert "init: " in out and str(export_dir) in out
     assert "accumulation 2" in out and "2 steps/epoch" in out
     run = tmp_path / "runs" / "seedrun"
     hf = MMCoconutForConditionalGeneration.from_pretrained(run / "export")

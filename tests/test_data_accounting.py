@@ -165,7 +165,7 @@ def test_stepsync_lag_flush_and_poison():
 
 def test_a_lost_shard_counts_as_the_samples_it_held_and_stops_the_run(tmp_path, tiny_tokenizer, tiny_processor):
     """1 of 6 shards disappears after the start: the loader counts its 6 samples (sizes.json) each time it meets it,
-    not 1, so the trainer's guard (StepLog, data.max_skip_fraction) sees the real loss and stops the run."""
+    not 1, so the trainer's guard (step.py StepBook, data.max_skip_fraction) sees the real loss and stops the run."""
     spec = shards(tmp_path, n=36, per=6)
     loaders = []
     for samples_per_epoch in (None, 36):  # from sizes.json, or set (sizes.json still read for the count)
@@ -180,6 +180,6 @@ def test_a_lost_shard_counts_as_the_samples_it_held_and_stops_the_run(tmp_path, 
         lost = loader.skip_counts["unreadable_shard"]
         assert len(batches) == 18 and lost >= 6 and lost % 6 == 0, lost
     state, tr = TrainState(), _Tracker()
-    log = StepLog(cfg, state, tr, steps_per_epoch=18, world=1)
+    log = StepBook(cfg, state, tr)
     with pytest.raises(TrainError, match=rf"data: {lost} of {36 + lost} training samples .*unreadable_shard {lost}"):
         log.take([_rec(18, samples=36, skips=dict(loader.skip_counts), last=True)])

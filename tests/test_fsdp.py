@@ -6,9 +6,7 @@ the table it gets must be the whole [V, D] tensor, in training and in generation
 Losses, gradients (reduced over the ranks), greedy generations and the gathered fp32 state dict must equal the
 unsharded model's.
 """
-import multiprocessing as mp
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,11 +17,6 @@ TESTS = str(Path(__file__).resolve().parent)
 LATENTS = {0: [2, 1], 1: [0, 3]}  # per rank: the pass count is agreed (4 LM calls on both)
 pytestmark = pytest.mark.multiproc
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _no_dropout(model):
@@ -82,22 +75,8 @@ def _worker(rank, port, dirs, queue):
 
 
 def test_fsdp2_sharded_model_computes_what_the_unsharded_one_does(tiny_dirs):
-    from conftest import build_tiny_mmcoconut, make_mm_batch
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, dict(tiny_dirs), queue), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(2):
-            rank, res = queue.get(timeout=600)
-            results[rank] = res
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
+    from conftest import build_tiny_mmcoconut, make_mm_batch, run_spawned_ranks
+    results = run_spawned_ranks(_worker, 2, (dict(tiny_dirs),))
     assert all("error" not in r for r in results.values()), results
     model, tok = build_tiny_mmcoconut(tiny_dirs, "patches")
     _no_dropout(model)

@@ -38,10 +38,8 @@ def hf_export(tmp_path_factory, tiny_dirs, eval_cfg_factory):
     torch.manual_seed(0)
     tok = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tok).eval()
-    with torch.no_grad():  # visible logits (see conftest.build_tiny_mmcoconut)
-        for name, p in model.lm.named_parameters():
-            if p.dim() == 2:
-                p.mul_(2.0 if "wte" in name or "wpe" in name else 6.0)
+    from conftest import scale_tiny_weights
+    scale_tiny_weights(model)  # visible logits
     out = save_export(model, tok, cfg, d / "export", image_processor=build_image_processor(cfg.model))
     shutil.rmtree(d / "src")
     return out, model, tok, cfg

@@ -223,7 +223,7 @@ def test_synthetic_shards_deterministic(tmp_path):
 
     a = shard(tmp_path / "a", 1, workers=1)
     b = shard(tmp_path / "b", 1, workers=2)
-    c = shard(tmp_path / "c", 2, workers=1)
+    shard(tmp_path / "c", 2, workers=1)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]  # byte-identical tars for any workers
     assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == {
         "train-000000.tar": 5, "train-000001.tar": 5, "train-000002.tar": 2}

@@ -1,8 +1,6 @@
 """2 CPU ranks (gloo) with different latent counts: the pass count the engine agrees on is all-reduced, losses equal
 1-process ones."""
-import multiprocessing as mp
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -12,11 +10,6 @@ import torch
 TESTS = str(Path(__file__).resolve().parent)
 BATCHES = {0: [0, 2, 3], 1: [0, 0]}  # rank 1 has no latents at all: its sequence is split anyway
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, dirs, queue):
@@ -40,22 +33,8 @@ def _worker(rank, port, dirs, queue):
 
 
 def test_two_ranks_same_pass_count(tiny_dirs):
-    from conftest import build_tiny_mmcoconut, make_mm_batch
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, dict(tiny_dirs), queue), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(2):
-            rank, *rest = queue.get(timeout=600)
-            results[rank] = rest
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
+    from conftest import build_tiny_mmcoconut, make_mm_batch, run_spawned_ranks
+    results = run_spawned_ranks(_worker, 2, (dict(tiny_dirs),))
     assert all(r[0] != "error" for r in results.values()), results
     model, tok = build_tiny_mmcoconut(tiny_dirs, "pooled")
     for rank, (n_passes, loss, gnorm) in results.items():
