@@ -62,7 +62,7 @@ def test_ask_prints_the_answer_and_json(export_dir, tmp_path, capsys):
     assert out[-1].startswith(tuple(f"{i}: {c}" for i, c in enumerate(CHOICES)))
     assert main(["--model", str(export_dir), "--image", str(tmp_path / "nope.png"), "--question", "q"]) == 2
     assert main(["--model", str(tmp_path), "--image", str(img), "--question", "q"]) == 2
-    assert "not a DeepSpeed checkpoint" in capsys.readouterr().err
+    assert "not a training checkpoint" in capsys.readouterr().err
 
 
 def test_ask_on_a_run_dir_from_another_directory(tiny_dirs, tmp_path, capsys, monkeypatch):
