@@ -1,6 +1,7 @@
 """2-rank DeepSpeed training from shards served over HTTP (plus one pipe:cat shard): a shard whose stream breaks
-is retried, given up on, counted as the samples it still held, and the run goes on (within data.max_skip_fraction); resuming a checkpoint taken after that skip, with the
-server healthy again, repeats the interrupted run's losses exactly. Two launches (CI budget)."""
+is retried, given up on, counted as the samples it still held, and the run goes on (within data.max_skip_fraction);
+resuming a checkpoint taken after that skip, with the server healthy again, repeats the interrupted run's losses
+exactly. Two launches (CI budget)."""
 import json
 import re
 import shutil
@@ -33,11 +34,13 @@ def test_two_ranks_from_http_skip_then_exact_resume(setup, server):  # noqa: F81
     args = [str(setup / "cfg.yaml"), "--deepspeed", str(setup / "zero2_2.json"), "--train.precision=fp32",
             f"--data.train_shards={spec}", "--data.shard_retries=1", "--data.shard_retry_wait=0.2",
             "--train.num_epochs=1", "--checkpoint.save_every_steps=3", "--data.max_skip_fraction=0.5"]
-    # the server "dies" in the middle of train-000001.tar for both attempts, then serves it whole again
-    server.cut["train-000001.tar"] = ((d / "train-000001.tar").stat().st_size * 2 // 5, 2)
+    # the server "dies" in the middle of train-000001.tar for 4 responses, then serves it whole again: each rank's
+    # pre-flight probe (data/probe.py: the first 8 samples, no retry, no warning) meets one cut, then the rank that
+    # reads the shard in training meets two (its attempt and its one retry) and gives up on it
+    server.cut["train-000001.tar"] = ((d / "train-000001.tar").stat().st_size * 2 // 5, 4)
     run = setup / "runHTTP"
     r = ok(launch(2, args + [f"--logging.run_dir={run}"]))
-    assert "train-000001.tar" not in server.cut and server.hits["train-000001.tar"] >= 2
+    assert "train-000001.tar" not in server.cut and server.hits["train-000001.tar"] >= 4
     assert "retry 1/1" in r.stdout and "gave up after 2 attempts" in r.stdout, r.stdout[-4000:]
     assert "connection closed after" in r.stdout
     fails = _shard_failures(run / "step00000003")

@@ -68,10 +68,18 @@ def sample_problem(raw: dict, need_steps: bool) -> tuple[Optional[str], Optional
     return None, lists_choices(sample["question"], choices) if ok else None
 
 
+class _QuietSkips(SkipCounter):
+    """The probe's: a shard that breaks while probed is passed over without a 'skipping' warning (nothing of the
+    training data is skipped: the training stream reads it again, with its retries)."""
+
+    def skip(self, reason: str, msg: str, n: int = 1) -> None:
+        self.last = f"{reason}: {msg}"
+
+
 def probe_shards(urls: list[str], data_cfg, need_steps: bool) -> Probe:
     """Read PER_SHARD samples from each of the first MAX_SHARDS shards (unreadable shards are passed over)."""
     out = Probe()
-    reader = ShardReader(SkipCounter(), retries=0, timeout=data_cfg.shard_timeout)
+    reader = ShardReader(_QuietSkips(), retries=0, timeout=data_cfg.shard_timeout)
     for url in urls[:MAX_SHARDS]:
         out.shards.append(url)
         for raw in reader.shard(url, limit=PER_SHARD):
