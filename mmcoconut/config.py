@@ -25,6 +25,7 @@ from .seed_config import (SEED_KEYS, SeedValueError, check_seed_values, is_trans
                           seed_target, translate)
 
 View = Literal["nocot", "cot", "coconut", "dummy"]  # generation views (mmcoconut.eval)
+Switch = Literal["auto", "on", "off"]  # auto: decided where it applies; YAML true/false (and on/off) read as on/off
 VIEWS = typing.get_args(View)
 
 
@@ -97,7 +98,7 @@ class TrainConfig:
     loss_scale_window: Optional[int] = None  # fp16: steps without overflow before the scale doubles
     hysteresis: Optional[int] = None  # fp16: overflows tolerated before the scale halves (deepspeed only)
     min_loss_scale: Optional[float] = None  # fp16: the scale never goes below this
-    compile: bool = False  # torch.compile the per-pass LM calls (CUDA: CUDA graphs for one-column passes); not ZeRO-3
+    compile: Switch = "auto"  # torch.compile the latent passes, fullgraph; auto: CUDA on, CPU off; true/false: on/off
     deferred_wgrad: bool = True  # eager latent passes: projection weight gradients summed in place, one per micro-batch
     gradient_checkpointing: bool = False  # recompute each decoder layer of each pass in backward (less memory)
     fsdp_reshard_after_forward: bool = True  # fsdp2: free a block's gathered weights after its forward (False: keep)
@@ -232,13 +233,16 @@ def _adapter(tp) -> TypeAdapter:
 
 
 def _typed(value: Any, tp, where: str) -> Any:
-    """`value` as field type `tp` (strict: no silent casts) or ConfigError. Two spellings are read first: a float
-    YAML 1.1 leaves as a string ("5e-5") and a comma-separated list from the command line ("cot,coconut")."""
+    """`value` as field type `tp` (strict: no silent casts) or ConfigError. Three spellings are read first: a float
+    YAML 1.1 leaves as a string ("5e-5"), a comma-separated list from the command line ("cot,coconut") and a bool
+    for an auto/on/off switch (true: on)."""
     if isinstance(value, str) and _admits(tp, float):
         try:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(value, bool) and typing.get_origin(tp) is Literal and {"on", "off"} <= set(typing.get_args(tp)):
+        value = "on" if value else "off"  # a switch written as a bool (older configs; YAML 1.1 reads on/off so)
     if isinstance(value, str) and _admits(tp, list):
         value = [v for v in value.split(",") if v]
     if typing.get_origin(tp) is list and typing.get_origin(typing.get_args(tp)[0]) is Literal \
@@ -402,8 +406,8 @@ def validate(cfg: Config) -> None:
     for key, value, ok, want in rules:
         if not ok:
             raise ConfigError(f"{key} must be {want}, got {value}")
-    if t.compile and t.gradient_checkpointing:
-        raise ConfigError("train.compile=true and train.gradient_checkpointing=true do not go together (the "
+    if t.compile == "on" and t.gradient_checkpointing:  # auto resolves off with them (engines/base.py)
+        raise ConfigError("train.compile=on and train.gradient_checkpointing=true do not go together (the "
                           "checkpointed layers' recomputation is not compiled); pick one")
     for key in ck.allow_config_change:
         resolve_key(key, "checkpoint.allow_config_change")

@@ -214,3 +214,23 @@ def test_ds_config_by_name_and_seed_accumulation():
     assert resolve_ds_config(load_config("demo"), path="zero3_2gpu.json", world=2)["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match="no such file"):
         resolve_ds_config(load_config("demo"), path="zero9_2gpu", world=2)
+
+
+@pytest.mark.parametrize("written, read", [("true", "on"), ("false", "off"), ("on", "on"), ("off", "off"),
+                                           ('"on"', "on"), ("auto", "auto")])
+def test_compile_switch_reads_old_bools_and_yaml_on_off(tmp_path, written, read):
+    """train.compile is auto | on | off; configs from before (compile: true/false) and YAML 1.1's unquoted on/off
+    (which YAML reads as bools) load as on/off, in a file and on the command line."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  compile: {written}\n")
+    assert load_config(str(path)).train.compile == read
+    assert load_config("demo", [f"--train.compile={written}"]).train.compile == read
+    assert Config().train.compile == "auto"
+    with pytest.raises(ConfigError, match=r"train.compile: 'yes please' is not one of \['auto', 'on', 'off'\]"):
+        load_config("demo", ["--train.compile=yes please"])
+
+
+def test_compile_on_refuses_gradient_checkpointing_auto_does_not():
+    with pytest.raises(ConfigError, match="train.compile=on and train.gradient_checkpointing"):
+        load_config("demo", ["--train.compile=true", "--train.gradient_checkpointing=true"])
+    assert load_config("demo", ["--train.gradient_checkpointing=true"]).train.compile == "auto"

@@ -141,3 +141,49 @@ def test_train_switches_are_engine_arguments_not_ds_config_keys():
     assert (engine.compile, engine.deferred_wgrad) == (True, False) and engine.ds_config == plain
     with pytest.raises(ConfigError, match="ZeRO-3"):
         resolve_ds_config(_cfg("--train.compile=true"), str(DIR / "zero3_2gpu.json"), world=2)
+    # auto (the default) is not refused with ZeRO-3, and resolves off on this CPU machine
+    resolve_ds_config(_cfg(), str(DIR / "zero3_2gpu.json"), world=2)
+    cfg = _cfg()
+    assert cfg.train.compile == "auto"
+    assert create_engine(deepspeed_spec(cfg, 2, str(DIR / "zero2_2gpu.json")), cfg).compile is False
+
+
+def test_compile_auto_resolves_from_the_device_type():
+    """train.compile=auto: on for CUDA, off elsewhere; on CUDA off with one note under gradient checkpointing or
+    ZeRO-3. on/off (and the old bools) stay as written. No GPU needed: the device type is an argument."""
+    from mmcoconut.train.engines.base import resolve_compile
+    assert resolve_compile("auto", "cuda") == (True, None)
+    assert resolve_compile("auto", "cpu") == (False, None)
+    assert resolve_compile("auto", "cpu", gradient_checkpointing=True, zero3=True) == (False, None)
+    for kw, blocker in (({"gradient_checkpointing": True}, "train.gradient_checkpointing"),
+                        ({"zero3": True}, "ZeRO-3")):
+        on, note = resolve_compile("auto", "cuda", **kw)
+        assert on is False and blocker in note and "train.compile=auto resolves off on CUDA" in note
+    for device in ("cpu", "cuda"):
+        assert resolve_compile("on", device) == resolve_compile(True, device) == (True, None)
+        assert resolve_compile("off", device) == resolve_compile(False, device) == (False, None)
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_compile("sometimes", "cuda")
+
+
+def test_deepspeed_engine_resolves_compile_from_its_accelerator(monkeypatch):
+    """The engine decides auto at construction from DeepSpeed's accelerator (CUDA faked here: nothing runs on it)."""
+    import deepspeed.accelerator
+
+    from mmcoconut.train.engines import create_engine
+    from mmcoconut.train.engines.ds_config import deepspeed_spec
+
+    class FakeCuda:
+        def device_name(self):
+            return "cuda"
+
+    path = str(DIR / "zero2_2gpu.json")
+    for over, want in ((), True), (("--train.compile=off",), False), (("--train.gradient_checkpointing=true",), False):
+        cfg = _cfg(*over)
+        spec = deepspeed_spec(cfg, 2, path)  # (checks this machine's accelerator)
+        with monkeypatch.context() as m:
+            m.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeCuda())
+            engine = create_engine(spec, cfg)
+        assert engine.compile is want, over
+        notes = [n for n in engine.notes if "train.compile" in n]
+        assert len(notes) == (1 if over and "gradient" in over[0] else 0), engine.notes

@@ -103,30 +103,6 @@ def test_model_latent_passes_compile_fullgraph(family_dirs, arch):
     torch.testing.assert_close(gw, ref)
 
 
-def test_enable_compile_matches_eager(tiny_dirs):
-    """train.compile's path: the per-pass LM calls under torch.compile (inductor on CPU) give the eager loss and
-    gradients (one batch with a one-column pass: pass 0, latent pass, last pass)."""
-    model, tok = build_tiny_mmcoconut(tiny_dirs, "pooled", seed=3)
-    model.train()
-    model.lm.eval()
-    b = make_mm_batch(model, tok, [2, 0, 1], seed=0)
-    runs = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        model.enable_compile() if compiled else model.disable_compile()
-        model.zero_grad(set_to_none=True)
-        try:
-            out = model(**b)
-            out.loss.backward()
-        finally:
-            model.disable_compile()
-        runs.append((out.loss.item(), out.n_passes, model.projector[0].weight.grad.clone()))
-    torch._dynamo.reset()
-    (loss, n, grad), (closs, cn, cgrad) = runs
-    assert n == cn == 3 and abs(closs - loss) <= 1e-5 * abs(loss)
-    torch.testing.assert_close(cgrad, grad, rtol=1e-4, atol=1e-6)
-
-
 def test_deferred_weight_gradients(trained_mode, monkeypatch):
     """Each projection weight (GPT-2's Conv1D, the nn.Linear of the others) gets one gradient per micro-batch,
     accumulated in place over the passes (wgrad.py): same loss bit for bit, same gradients up to the rounding of a

@@ -146,3 +146,23 @@ def reset_adam_state(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         if "step" in group:
             group["step"] = 0
+
+
+def resolve_compile(setting, device_type: str, gradient_checkpointing: bool = False,
+                    zero3: bool = False) -> tuple[bool, Optional[str]]:
+    """train.compile ("auto" | "on" | "off"; a bool means on/off) on the device the engine trains on -> (compile,
+    note). on/off stay as written (the config checks refuse "on" with gradient checkpointing or ZeRO-3). auto: on
+    for CUDA, off on any other device; on CUDA also off, with one note, under gradient checkpointing or ZeRO-3."""
+    if isinstance(setting, bool):
+        setting = "on" if setting else "off"
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"train.compile: {setting!r} is not one of ['auto', 'on', 'off']")
+    if setting != "auto":
+        return setting == "on", None
+    if device_type != "cuda":
+        return False, None
+    blockers = [why for why, on in (("train.gradient_checkpointing", gradient_checkpointing), ("ZeRO-3", zero3)) if on]
+    if blockers:
+        return False, (f"train.compile=auto resolves off on CUDA: it does not combine with {' and '.join(blockers)} "
+                       "(train.compile=off says so without this note)")
+    return True, None

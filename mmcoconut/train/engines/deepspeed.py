@@ -31,7 +31,7 @@ import torch
 from mmcoconut.config import ConfigError
 
 from . import ds_ops, rank_agreement
-from .base import Engine, EngineSpec, reset_adam_state
+from .base import Engine, EngineSpec, reset_adam_state, resolve_compile
 
 DEVICE, HOST = "device", "host"
 
@@ -39,15 +39,20 @@ DEVICE, HOST = "device", "host"
 class DeepSpeedEngine(Engine):
     """DeepSpeed's engine behind the seam (base.py). `ds`: the deepspeed.DeepSpeedEngine once wrapped."""
 
-    def __init__(self, spec: EngineSpec, compile: bool = False, deferred_wgrad: bool = True,
+    def __init__(self, spec: EngineSpec, compile="off", deferred_wgrad: bool = True,
                  gradient_checkpointing: bool = False):
         import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
 
-        self.spec, self.ds_config, self.compile, self.deferred_wgrad = spec, spec.ds_config, compile, deferred_wgrad
+        self.spec, self.ds_config, self.deferred_wgrad = spec, spec.ds_config, deferred_wgrad
         self.gradient_checkpointing = gradient_checkpointing
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.notes = prepare_ds_config(self.ds_config)
         self.zero3 = spec.zero_stage == 3
+        # train.compile (auto | on | off) on the device DeepSpeed trains on: auto is on for CUDA (base.py)
+        self.compile, note = resolve_compile(compile, get_accelerator().device_name(), gradient_checkpointing,
+                                             self.zero3)
+        self.notes += [note] if note else []
         self._hf_zero3 = hf_zero3_context(self.ds_config)  # ZeRO-3: alive while the model is built and after
         self.param_editor = zero3_param_editor if self.zero3 else None
         self.ds = None
@@ -60,7 +65,7 @@ class DeepSpeedEngine(Engine):
         from mmcoconut.kernels import backend_for
 
         if self.compile:
-            model.enable_compile()  # train.compile: the per-pass LM calls under torch.compile
+            model.enable_compile()  # train.compile (resolved): the per-pass LM calls under torch.compile
         model.deferred_wgrad = self.deferred_wgrad  # modeling/wgrad.py
         if self.gradient_checkpointing:
             model.set_gradient_checkpointing(True)  # per decoder layer and pass (non-reentrant); no deferred wgrad

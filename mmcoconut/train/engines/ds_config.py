@@ -136,8 +136,8 @@ def resolve_ds_config(cfg, path: Optional[str] = None, world: Optional[int] = No
     if zero_stage(ds_config) == 3 and cfg.model.latent_scale == "embedding":
         raise ConfigError(f"model.latent_scale=embedding does not work with ZeRO-3 ({path}): the partitioned "
                           "embedding table's row norms are not available; use ZeRO-0/1/2 or latent_scale=none")
-    if t.compile and zero_stage(ds_config) == 3:
-        raise ConfigError(f"train.compile=true does not work with ZeRO-3 ({path}): its partitioned weights are "
+    if t.compile == "on" and zero_stage(ds_config) == 3:  # auto resolves off under ZeRO-3 (engines/base.py)
+        raise ConfigError(f"train.compile=on does not work with ZeRO-3 ({path}): its partitioned weights are "
                           "gathered by hooks that torch.compile cannot trace; use ZeRO-0/1/2")
     _check_device_support(ds_config, path)
     return ds_ops.cpu_defaults(ds_config)

@@ -15,9 +15,10 @@ window still runs its backward (so no unsharded gradient is left behind), then i
 optimizer or lr-schedule step, `skipped_steps` and `global_steps` advance, and in fp16 the loss scale backs off,
 as under DeepSpeed. fp16 overflows (finite loss, inf gradient) are skipped by the grad scaler, counted the same way.
 Options: train.gradient_checkpointing, the model's own (every decoder layer of every pass, non-reentrant, inside
-the block's FSDP hooks: a recompute gathers the block again and reads the cache view of its pass); train.compile compiles every decoder block (training mode; FSDP2's hooks
-stay outside the graphs), not the whole per-pass LM call as under DeepSpeed; with either, train.deferred_wgrad is
-off (it is eager-only).
+the block's FSDP hooks: a recompute gathers the block again and reads the cache view of its pass); train.compile
+(auto: on for CUDA unless gradient checkpointing) compiles every decoder block (training mode; FSDP2's hooks stay
+outside the graphs), not the whole per-pass LM call as under DeepSpeed; with either, train.deferred_wgrad is off
+(it is eager-only).
 Checkpoints: torch.distributed.checkpoint of the model and optimizer (frozen weights excluded), resharded on load
 (any world size), plus `client_state.pt` from rank 0 (train state, every rank's stream, lr schedule, loss scale).
 """
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from mmcoconut.export.dcp_checkpoint import CLIENT_STATE
 
 from . import rank_agreement
-from .base import Engine, EngineSpec, reset_adam_state
+from .base import Engine, EngineSpec, reset_adam_state, resolve_compile
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # as in ds_configs/
 
@@ -52,15 +53,16 @@ def init_distributed() -> None:
 class FSDP2Engine(Engine):
     host_decides_skip = True
 
-    def __init__(self, spec: EngineSpec, train_cfg, compile: bool = False, deferred_wgrad: bool = True,
+    def __init__(self, spec: EngineSpec, train_cfg, compile="off", deferred_wgrad: bool = True,
                  gradient_checkpointing: bool = False):
-        self.spec, self.t, self.compile, self.deferred_wgrad = spec, train_cfg, compile, deferred_wgrad
+        self.spec, self.t, self.deferred_wgrad = spec, train_cfg, deferred_wgrad
         self.gradient_checkpointing = gradient_checkpointing
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
-        self.notes = []
+        self.compile, note = resolve_compile(compile, self.device.type, gradient_checkpointing)  # auto: on for CUDA
+        self.notes = [note] if note else []
         self._steps = self._skipped = 0
         self._norm = None
 
