@@ -3,11 +3,11 @@
 # four-view evaluation (nocot / cot / coconut / dummy) on 2 ranks -> plots -> where everything is.
 # Runs with the venv's bin first on PATH (the Makefile does that). ≤ 5 minutes on 2 cores, first-run builds included.
 # ARCH=llama|qwen2|mistral (make demo ARCH=llama): the same demo on a tiny model of that LM family; VISION=siglip: a
-# SigLIP tower instead of CLIP (models/tiny-ARCH-VISION, runs/demo-ARCH-VISION).
+# SigLIP tower instead of CLIP (models/tiny-ARCH-VISION, runs/demo-ARCH-VISION). ENGINE=fsdp2: FSDP2 (runs/...-fsdp2).
 for arg in "$@"; do  # --help: the header above, then exit (nothing is started)
   if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
-    echo "Options: none (-h/--help prints this); env ARCH, VISION. make clean-demo removes what it made."
+    echo "Options: none (-h/--help prints this); env ARCH, VISION, ENGINE. make clean-demo removes what it made."
     exit 0
   fi
 done
@@ -15,11 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 ARCH="${ARCH:-gpt2}" VISION="${VISION:-clip}"
-MODELS=models/tiny RUN=runs/demo EXTRA=()
+MODELS=models/tiny NAME=demo EXTRA=()
 if [ "$ARCH" != gpt2 ] || [ "$VISION" != clip ]; then
-  MODELS="models/tiny-$ARCH-$VISION" RUN="runs/demo-$ARCH-$VISION"
-  EXTRA=(--model.lm_id="$MODELS/lm" --model.vision_id="$MODELS/vision" --train.name="demo-$ARCH-$VISION")
+  MODELS="models/tiny-$ARCH-$VISION" NAME="demo-$ARCH-$VISION"
+  EXTRA=(--model.lm_id="$MODELS/lm" --model.vision_id="$MODELS/vision")
 fi
+if [ "${ENGINE:-deepspeed}" = fsdp2 ]; then NAME="$NAME-fsdp2"; fi  # its own run dir (checkpoints are per engine)
+[ "$NAME" = demo ] || EXTRA+=(--train.name="$NAME")
+RUN="runs/$NAME"
 EVAL="$RUN/eval"
 SHARDS=shards/synthetic
 start=$(date +%s)
