@@ -2,6 +2,7 @@
 stop signals, step accounting, wandb run id."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,71 @@ def test_complete_tag_missing_from_the_index_is_adopted_and_prune_is_meta_first(
     assert index.list_tags(run) == ["step00000002", "step00000004", "step00000006"]
     assert index.prune(run, index.list_tags(run), keep=2) == ["step00000004", "step00000006"]
     assert not (run / "step00000002").exists()
+
+
+GARBLED = [b"\xff\xfe\x00\x9c garbage \xc3", b"", b"{\"tags\": [\"step00000006\"]}", b"[1, 2]", b"null",
+           b'["../../etc", "step00000006"]', b"[" * 100_000, b'"step00000006"']
+
+
+@pytest.mark.parametrize("garbage", GARBLED, ids=range(len(GARBLED)))
+def test_garbled_latest_index_and_meta_never_crash_start_up(tmp_path, capsys, garbage):
+    """Issue 26.7: an invalid-UTF-8 `latest` crashed every restart in fix_latest. Start-up must survive any bytes in
+    `latest`, checkpoints.json and a tag's META: such files count as absent and are rewritten, with a warning."""
+    from mmcoconut.train.checkpoint.resume import find_resume
+
+    run = tmp_path / "run"
+    _tag(run, "step00000003", 3)
+    _tag(run, "step00000006", 6)
+    for bad in ("step00000009", "step00000012", "step00000015", "step00000018"):
+        _tag(run, bad, int(bad[4:]))
+    (run / "step00000009" / index.META).write_bytes(garbage)  # garbled META: not a checkpoint
+    (run / "step00000012" / index.META).write_text('["a list"]')
+    (run / "step00000015" / index.META).write_text('{"step": "15", "files": {}}')
+    (run / "step00000018" / index.META).write_text('{"step": 18, "files": ["mp_rank_00_model_states.pt"]}')
+    (run / index.INDEX).write_bytes(garbage)
+    (run / "latest").write_bytes(garbage)
+    want = ["step00000003", "step00000006"]
+    assert index.list_tags(run) == want
+    assert "unreadable (torn write?) or not a list of checkpoint tags" in capsys.readouterr().err
+    cfg = load_config(None, [f"--logging.run_dir={run}"])
+    assert find_resume(cfg, 2, 2).tag == "step00000006"
+    assert index.recover(run) == want
+    assert json.loads((run / index.INDEX).read_text()) == want and (run / "latest").read_text() == "step00000006"
+    assert not [t for t in ("step00000009", "step00000012", "step00000015", "step00000018") if (run / t).exists()]
+    err = capsys.readouterr().err
+    assert err.count(f"{run / 'latest'} was garbled") == 1 and err.count("removing partial checkpoint") == 4, err
+    assert f"rewrote {run / index.INDEX}" in err
+    (run / "latest").write_bytes(b"\x80\x81")  # and with no checkpoint at all: removed, not a crash
+    for t in want:
+        shutil.rmtree(run / t)
+    assert index.recover(run) == [] and not (run / "latest").exists()
+    assert "was garbled (UnicodeDecodeError" in capsys.readouterr().err
+
+
+def test_out_of_order_index_does_not_decide_the_resume_point(tmp_path, capsys):
+    """Issue 26.7: a valid checkpoints.json naming an older tag last made `resume: auto` take it, silently. The newest
+    complete checkpoint by step wins, a warning says the index disagreed, and recover() rewrites it in step order."""
+    from mmcoconut.train.checkpoint.resume import find_resume
+
+    run = tmp_path / "run"
+    for step in (3, 6, 9):
+        _tag(run, f"step{step:08d}", step)
+    index.write_index(run, ["step00000006", "step00000009", "step00000003"])
+    (run / "latest").write_text("step00000003")
+    cfg = load_config(None, [f"--logging.run_dir={run}"])
+    assert find_resume(cfg, 2, 2).tag == "step00000009"
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "lists the checkpoints in another order than their steps" in err, err
+    assert "newest step00000009" in err
+    assert index.recover(run) == ["step00000003", "step00000006", "step00000009"]
+    assert json.loads((run / index.INDEX).read_text()) == ["step00000003", "step00000006", "step00000009"]
+    assert (run / "latest").read_text() == "step00000003"  # complete: left as it is (export tools read it)
+    capsys.readouterr()
+    assert find_resume(cfg, 2, 2).tag == "step00000009" and capsys.readouterr().err == ""  # agrees now: quiet
+    index.write_index(run, ["step00000009", "step00000003"])  # a stale index (step 6 unrecorded), older tag last
+    assert index.list_tags(run) == ["step00000003", "step00000006", "step00000009"]
+    err = capsys.readouterr().err
+    assert "['step00000006'] missing from" in err and "another order" in err
 
 
 # ---------------------------------------------------------------- config drift

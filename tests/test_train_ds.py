@@ -231,10 +231,11 @@ def test_exact_resume_from_epoch_end_after_nan(setup, run_a_of, engine):
     run_a = run_a_of(engine)
     run = setup / f"runA_epoch-{engine}"
     copy_run(run_a, run)
+    (run / "latest").write_bytes(b"\xff\xfe\x00garbled")  # issue 26.7: crashed every restart (UnicodeDecodeError)
     r = ok(launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2),
                       "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=epoch001"],
                   env_extra=NAN))
-    assert "resumed at step 8" in r.stdout
+    assert "resumed at step 8" in r.stdout and f"{run / 'latest'} was garbled (UnicodeDecodeError" in r.stdout
     a, b = _losses(run_a), _losses(run)
     assert sorted(b) == list(range(9, 17)) and all(a[s] == b[s] for s in b), (a, b)
     assert [x["step"] for x in read_metrics(run, "nonfinite")] == [11]
