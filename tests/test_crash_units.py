@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -275,6 +276,79 @@ def test_first_signal_flags_repeats_merge_second_exits_at_once(tmp_path):
     err = p.stderr.read()
     assert p.returncode == 128 + signal.SIGINT, err
     assert "SIGUSR1 received" in err and "second stop signal (SIGINT): exiting now without saving" in err
+
+
+LAUNCH_TREE = r'''
+import os, subprocess, sys, time
+mode, period = sys.argv[1], sys.argv[2]
+if mode == "runner":  # DeepSpeed's runner: starts the per-node launcher (named by its command line) and waits
+    subprocess.Popen([sys.executable, __file__, "launcher", period, "deepspeed.launcher.launch"])
+    time.sleep(600)
+elif mode == "launcher":  # the per-node launcher, or torchrun
+    subprocess.Popen([sys.executable, __file__, "rank", period])
+    time.sleep(600)
+else:  # a rank, set up as cli/train.py does
+    from mmcoconut.train.launcher_watch import LauncherWatch
+    from mmcoconut.train.signals import stop_request
+    req = stop_request()
+    LauncherWatch(req, period_s=float(period)).start()
+    print("rank", os.getpid(), os.getppid(), flush=True)
+    t0 = time.time()
+    while not req.requested and time.time() < t0 + 20:
+        time.sleep(0.01)
+    print("requested:", req.why if req.requested else "none", flush=True)
+    time.sleep(2.0)  # "saving": the launcher's death signal must not cut it short
+    print("saved", flush=True)
+'''
+
+
+def _kill(*pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("case", ["runner dies", "launcher dies", "launcher dies after a signal"])
+def test_rank_stops_when_its_launcher_or_deepspeeds_runner_dies(tmp_path, case):
+    """Issue 26.9: SIGTERM/SIGKILL to `deepspeed` (the runner) left its per-node launcher and the ranks training as
+    orphans. A rank must make it a stop request (save, exit 75): the runner's death through the watch thread, its
+    parent's through the kernel's death signal (the watch thread's period is 60 s there), and that SIGTERM never
+    counts as a second signal (which would exit without saving)."""
+    script = tmp_path / "tree.py"
+    script.write_text(LAUNCH_TREE)
+    top = subprocess.Popen([sys.executable, str(script), "runner" if case == "runner dies" else "launcher",
+                            "0.1" if case == "runner dies" else "60"], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=(tmp_path / "err").open("w"), text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT), MMCOCONUT_SIGNAL_DEDUP_S="0.5"))
+    first = top.stdout.readline().split()
+    assert first[0] == "rank", first
+    rank, parent = int(first[1]), int(first[2])
+    guard = threading.Timer(40, _kill, (rank, parent))  # no hang: EOF at the latest then
+    guard.start()
+    try:
+        if case == "launcher dies after a signal":
+            os.kill(rank, signal.SIGUSR1)
+            assert top.stdout.readline().strip() == "requested: SIGUSR1 received"
+            time.sleep(1.0)  # past the 0.5 s in which repeats count as one request
+        t0 = time.time()
+        top.kill()  # SIGKILL: the runner, or the rank's own launcher
+        top.wait()
+        if case != "launcher dies after a signal":
+            who = f"DeepSpeed's runner (pid {top.pid})" if case == "runner dies" else f"the launcher (pid {parent})"
+            assert top.stdout.readline().strip() == f"requested: {who} is gone"
+            assert time.time() - t0 < 10
+        lines = []
+        while (line := top.stdout.readline()) not in ("", "saved\n"):  # (the launcher may still hold the pipe)
+            lines.append(line)
+        rest = "".join(lines) + line
+    finally:
+        _kill(rank, parent)
+        guard.cancel()
+    err = (tmp_path / "err").read_text()
+    assert rest.splitlines()[-1] == "saved" and "second stop signal" not in err, rest + err
+    assert ("is gone (pid " in err) == (case != "launcher dies after a signal"), err
 
 
 # ---------------------------------------------------------------- wandb run id
