@@ -284,7 +284,10 @@ mode, period = sys.argv[1], sys.argv[2]
 if mode == "runner":  # DeepSpeed's runner: starts the per-node launcher (named by its command line) and waits
     subprocess.Popen([sys.executable, __file__, "launcher", period, "deepspeed.launcher.launch"])
     time.sleep(600)
-elif mode == "launcher":  # the per-node launcher, or torchrun
+elif mode == "launcher":  # the per-node launcher, or torchrun (threads: each sends the death signal as it exits)
+    import threading
+    for _ in range(4):
+        threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
     subprocess.Popen([sys.executable, __file__, "rank", period])
     time.sleep(600)
 else:  # a rank, set up as cli/train.py does

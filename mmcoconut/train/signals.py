@@ -55,7 +55,7 @@ class StopRequest:
         self.last_checkpoint: Optional[str] = None  # named in the message of an immediate exit
         self.reason: Optional[str] = None  # a stop that is no signal (request())
         self.launcher_pid: Optional[int] = None  # set by launcher_watch.py
-        self._death_seen = False
+        self._death_at: Optional[float] = None  # when the launcher's death signal came
         self._installed, self._old = False, {}
         self._rfd = self._wfd = -1
 
@@ -112,9 +112,7 @@ class StopRequest:
     def on_signal(self, signum: int, now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now
         name = signal.Signals(signum).name
-        orphan = self.launcher_pid is not None and os.getppid() != self.launcher_pid
-        if signum == signal.SIGTERM and orphan and not self._death_seen:
-            self._death_seen = True  # the parent's death signal (launcher_watch.py): a request, never a second signal
+        if signum == signal.SIGTERM and self._launcher_died(now):  # its death signal: never a second signal
             return self.request(f"the launcher (pid {self.launcher_pid}) is gone")
         if self.signum is None:
             self.signum, self.first_at = signum, now
@@ -128,6 +126,22 @@ class StopRequest:
             _say(f"{self.label}: second stop signal ({name}): exiting now without saving{last}")
             record_exit_code(128 + signum)
             os._exit(128 + signum)
+
+
+    def _launcher_died(self, now: float) -> bool:
+        """Whether a SIGTERM is the launcher's death signal (launcher_watch.py). A multi-threaded parent (torchrun)
+        sends it once per exiting thread, the first before this process is reparented: wait a little for that."""
+        if self.launcher_pid is None:
+            return False
+        if self._death_at is not None:
+            return now - self._death_at < self.dedup_s
+        deadline = time.monotonic() + 0.5
+        while os.getppid() == self.launcher_pid:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        self._death_at = now
+        return True
 
 
 class Stopped(Exception):
