@@ -15,7 +15,8 @@
 # Elastic resume on another world size: DeepSpeed: python -m mmcoconut.cli.universal RUN_DIR, then launch again;
 # FSDP2: launch again (its checkpoints reshard on load).
 # Exit codes: 0 done, 1 error, 2 bad config / run dir in use, 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a
-# checkpoint (run the same command again to resume), 128+N a second signal N stopped it at once.
+# checkpoint (run the same command again to resume), 128+N a second signal N stopped it at once, or a signal N came
+# before the training processes existed (nothing saved).
 for arg in "$@"; do  # --help: the header above, then exit (nothing is started)
   if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
@@ -120,12 +121,18 @@ forward() {
   fi
   local targets
   targets=$(ranks | tr '\n' ' ')
-  if [ -z "${targets// /}" ]; then targets="-- -$LEADER"; fi  # no rank started yet: stop the launch itself
+  if [ -z "${targets// /}" ]; then  # no rank started yet: stop the launch itself; there is nothing to save
+    EARLY=$1
+    echo "launch.sh: SIG$1 before any training process started: stopping the launch" >&2
+    kill -s "$1" -- "-$LEADER" 2>/dev/null || true
+    return
+  fi
   echo "launch.sh: SIG$1 -> training processes $targets" \
     "($([ "$NSIG" = 1 ] && echo "they save a checkpoint and exit 75" || echo "they exit at once"))" >&2
   # shellcheck disable=SC2086
   kill -s "$1" $targets 2>/dev/null || true
 }
+EARLY=""
 trap 'forward TERM' TERM HUP
 trap 'forward INT' INT
 trap 'forward USR1' USR1
@@ -142,6 +149,13 @@ if kill -0 -- "-$LEADER" 2>/dev/null; then  # leftovers of the launch (orphaned 
   kill -TERM -- "-$LEADER" 2>/dev/null || true
   for _ in 1 2 3 4 5; do kill -0 -- "-$LEADER" 2>/dev/null || break; sleep 1; done
   kill -KILL -- "-$LEADER" 2>/dev/null || true
+fi
+if [ -n "$EARLY" ]; then  # stopped before the ranks existed: say so (the runner's own code would mislead)
+  echo "launch.sh: stopped by SIG$EARLY before training started: nothing was trained or saved by this launch," \
+    "so there is nothing new to resume (the same command starts again, from the run dir's last checkpoint if it" \
+    "has one)" >&2
+  rm -rf "$CODES"
+  exit $((128 + $(kill -l "$EARLY")))
 fi
 if [ -n "$CODES" ]; then  # torchrun: an error code of a rank, else 75 / 0 when every rank said so, else torchrun's
   codes=$(cat "$CODES"/rank* 2>/dev/null | sort -u || true)

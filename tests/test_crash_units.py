@@ -2,9 +2,11 @@
 stop signals, step accounting, wandb run id."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -122,6 +124,71 @@ def test_complete_tag_missing_from_the_index_is_adopted_and_prune_is_meta_first(
     assert not (run / "step00000002").exists()
 
 
+GARBLED = [b"\xff\xfe\x00\x9c garbage \xc3", b"", b"{\"tags\": [\"step00000006\"]}", b"[1, 2]", b"null",
+           b'["../../etc", "step00000006"]', b"[" * 100_000, b'"step00000006"']
+
+
+@pytest.mark.parametrize("garbage", GARBLED, ids=range(len(GARBLED)))
+def test_garbled_latest_index_and_meta_never_crash_start_up(tmp_path, capsys, garbage):
+    """Issue 26.7: an invalid-UTF-8 `latest` crashed every restart in fix_latest. Start-up must survive any bytes in
+    `latest`, checkpoints.json and a tag's META: such files count as absent and are rewritten, with a warning."""
+    from mmcoconut.train.checkpoint.resume import find_resume
+
+    run = tmp_path / "run"
+    _tag(run, "step00000003", 3)
+    _tag(run, "step00000006", 6)
+    for bad in ("step00000009", "step00000012", "step00000015", "step00000018"):
+        _tag(run, bad, int(bad[4:]))
+    (run / "step00000009" / index.META).write_bytes(garbage)  # garbled META: not a checkpoint
+    (run / "step00000012" / index.META).write_text('["a list"]')
+    (run / "step00000015" / index.META).write_text('{"step": "15", "files": {}}')
+    (run / "step00000018" / index.META).write_text('{"step": 18, "files": ["mp_rank_00_model_states.pt"]}')
+    (run / index.INDEX).write_bytes(garbage)
+    (run / "latest").write_bytes(garbage)
+    want = ["step00000003", "step00000006"]
+    assert index.list_tags(run) == want
+    assert "unreadable (torn write?) or not a list of checkpoint tags" in capsys.readouterr().err
+    cfg = load_config(None, [f"--logging.run_dir={run}"])
+    assert find_resume(cfg, 2, 2).tag == "step00000006"
+    assert index.recover(run) == want
+    assert json.loads((run / index.INDEX).read_text()) == want and (run / "latest").read_text() == "step00000006"
+    assert not [t for t in ("step00000009", "step00000012", "step00000015", "step00000018") if (run / t).exists()]
+    err = capsys.readouterr().err
+    assert err.count(f"{run / 'latest'} was garbled") == 1 and err.count("removing partial checkpoint") == 4, err
+    assert f"rewrote {run / index.INDEX}" in err
+    (run / "latest").write_bytes(b"\x80\x81")  # and with no checkpoint at all: removed, not a crash
+    for t in want:
+        shutil.rmtree(run / t)
+    assert index.recover(run) == [] and not (run / "latest").exists()
+    assert "was garbled (UnicodeDecodeError" in capsys.readouterr().err
+
+
+def test_out_of_order_index_does_not_decide_the_resume_point(tmp_path, capsys):
+    """Issue 26.7: a valid checkpoints.json naming an older tag last made `resume: auto` take it, silently. The newest
+    complete checkpoint by step wins, a warning says the index disagreed, and recover() rewrites it in step order."""
+    from mmcoconut.train.checkpoint.resume import find_resume
+
+    run = tmp_path / "run"
+    for step in (3, 6, 9):
+        _tag(run, f"step{step:08d}", step)
+    index.write_index(run, ["step00000006", "step00000009", "step00000003"])
+    (run / "latest").write_text("step00000003")
+    cfg = load_config(None, [f"--logging.run_dir={run}"])
+    assert find_resume(cfg, 2, 2).tag == "step00000009"
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "lists the checkpoints in another order than their steps" in err, err
+    assert "newest step00000009" in err
+    assert index.recover(run) == ["step00000003", "step00000006", "step00000009"]
+    assert json.loads((run / index.INDEX).read_text()) == ["step00000003", "step00000006", "step00000009"]
+    assert (run / "latest").read_text() == "step00000003"  # complete: left as it is (export tools read it)
+    capsys.readouterr()
+    assert find_resume(cfg, 2, 2).tag == "step00000009" and capsys.readouterr().err == ""  # agrees now: quiet
+    index.write_index(run, ["step00000009", "step00000003"])  # a stale index (step 6 unrecorded), older tag last
+    assert index.list_tags(run) == ["step00000003", "step00000006", "step00000009"]
+    err = capsys.readouterr().err
+    assert "['step00000006'] missing from" in err and "another order" in err
+
+
 # ---------------------------------------------------------------- config drift
 def test_drift_semantic_refused_allowed_and_harmless_noted(tmp_path):
     old = load_config(None, []).to_dict()
@@ -209,6 +276,82 @@ def test_first_signal_flags_repeats_merge_second_exits_at_once(tmp_path):
     err = p.stderr.read()
     assert p.returncode == 128 + signal.SIGINT, err
     assert "SIGUSR1 received" in err and "second stop signal (SIGINT): exiting now without saving" in err
+
+
+LAUNCH_TREE = r'''
+import os, subprocess, sys, time
+mode, period = sys.argv[1], sys.argv[2]
+if mode == "runner":  # DeepSpeed's runner: starts the per-node launcher (named by its command line) and waits
+    subprocess.Popen([sys.executable, __file__, "launcher", period, "deepspeed.launcher.launch"])
+    time.sleep(600)
+elif mode == "launcher":  # the per-node launcher, or torchrun (threads: each sends the death signal as it exits)
+    import threading
+    for _ in range(4):
+        threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+    subprocess.Popen([sys.executable, __file__, "rank", period])
+    time.sleep(600)
+else:  # a rank, set up as cli/train.py does
+    from mmcoconut.train.launcher_watch import LauncherWatch
+    from mmcoconut.train.signals import stop_request
+    req = stop_request()
+    LauncherWatch(req, period_s=float(period)).start()
+    print("rank", os.getpid(), os.getppid(), flush=True)
+    t0 = time.time()
+    while not req.requested and time.time() < t0 + 20:
+        time.sleep(0.01)
+    print("requested:", req.why if req.requested else "none", flush=True)
+    time.sleep(2.0)  # "saving": the launcher's death signal must not cut it short
+    print("saved", flush=True)
+'''
+
+
+def _kill(*pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("case", ["runner dies", "launcher dies", "launcher dies after a signal"])
+def test_rank_stops_when_its_launcher_or_deepspeeds_runner_dies(tmp_path, case):
+    """Issue 26.9: SIGTERM/SIGKILL to `deepspeed` (the runner) left its per-node launcher and the ranks training as
+    orphans. A rank must make it a stop request (save, exit 75): the runner's death through the watch thread, its
+    parent's through the kernel's death signal (the watch thread's period is 60 s there), and that SIGTERM never
+    counts as a second signal (which would exit without saving)."""
+    script = tmp_path / "tree.py"
+    script.write_text(LAUNCH_TREE)
+    top = subprocess.Popen([sys.executable, str(script), "runner" if case == "runner dies" else "launcher",
+                            "0.1" if case == "runner dies" else "60"], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=(tmp_path / "err").open("w"), text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT), MMCOCONUT_SIGNAL_DEDUP_S="0.5"))
+    first = top.stdout.readline().split()
+    assert first[0] == "rank", first
+    rank, parent = int(first[1]), int(first[2])
+    guard = threading.Timer(40, _kill, (rank, parent))  # no hang: EOF at the latest then
+    guard.start()
+    try:
+        if case == "launcher dies after a signal":
+            os.kill(rank, signal.SIGUSR1)
+            assert top.stdout.readline().strip() == "requested: SIGUSR1 received"
+            time.sleep(1.0)  # past the 0.5 s in which repeats count as one request
+        t0 = time.time()
+        top.kill()  # SIGKILL: the runner, or the rank's own launcher
+        top.wait()
+        if case != "launcher dies after a signal":
+            who = f"DeepSpeed's runner (pid {top.pid})" if case == "runner dies" else f"the launcher (pid {parent})"
+            assert top.stdout.readline().strip() == f"requested: {who} is gone"
+            assert time.time() - t0 < 10
+        lines = []
+        while (line := top.stdout.readline()) not in ("", "saved\n"):  # (the launcher may still hold the pipe)
+            lines.append(line)
+        rest = "".join(lines) + line
+    finally:
+        _kill(rank, parent)
+        guard.cancel()
+    err = (tmp_path / "err").read_text()
+    assert rest.splitlines()[-1] == "saved" and "second stop signal" not in err, rest + err
+    assert ("is gone (pid " in err) == (case != "launcher dies after a signal"), err
 
 
 # ---------------------------------------------------------------- wandb run id

@@ -20,7 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNNER = r'''
-import base64, json, os, subprocess, sys
+import base64, json, os, subprocess, sys, time
+open(os.path.join(os.environ["FAKE_OUT"], "runner.pid"), "w").write(str(os.getpid()))
+time.sleep(float(os.environ.get("FAKE_RUNNER_DELAY", "0")))  # DeepSpeed's runner starting up (imports, ...)
 info = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
 p = subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
                       "--master_addr=127.0.0.1", f"--master_port={os.environ['FAKE_PORT']}",
@@ -165,3 +167,22 @@ def test_exit_code_passes_through_without_signals(tmp_path, engine, code):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stdout + r.stderr
     assert "launch.sh: SIG" not in r.stderr and "+ " in r.stderr  # the command is shown, nothing forwarded
+
+
+def test_signal_before_the_ranks_exist_says_nothing_was_saved(tmp_path):
+    """Issue 26.10: a SIGTERM while DeepSpeed's runner is still starting (no rank yet) used to print "(they save a
+    checkpoint and exit 75)" and exit 143 with nothing saved. launch.sh must say what happened."""
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.Popen(["bash", str(ROOT / "launch.sh")], cwd=ROOT, env=_env(tmp_path, out, FAKE_RUNNER_DELAY="60"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not ((out / "runner.pid").is_file() and (out / "runner.pid").read_text()):
+        assert time.time() < deadline and p.poll() is None, "runner did not start"
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    log = _finish(p, [int((out / "runner.pid").read_text())], timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM, log
+    assert "launch.sh: SIGTERM before any training process started: stopping the launch" in log, log
+    assert "stopped by SIGTERM before training started: nothing was trained or saved by this launch" in log, log
+    assert "save a checkpoint and exit 75" not in log and not list(out.glob("rank*.pid")), log

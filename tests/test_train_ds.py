@@ -8,6 +8,7 @@ resume across skipped NaN windows; A's last checkpoint on one rank serves elasti
 universal copy, FSDP2 resharding on load; with an allowed config change); SIGKILL mid-run serves exact resume after
 a kill; one fp16 run per engine serves loss scaling, injected overflow and NaN skips and `resume: auto` on an empty
 dir; SIGTERM to launch.sh mid-epoch (while a second run is refused) serves preemption -> checkpoint -> exact resume;
+the DeepSpeed runner (or torchrun) killed under a direct launch serves launcher death -> checkpoint, exit 75;
 the world-size mismatch and config drift are quick failing launches.
 """
 import json
@@ -128,6 +129,14 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by init, maybe later)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def copy_run(src, dst):
     """A run dir as a killed run leaves it (metrics.jsonl dropped: the resumed run's records are compared)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("metrics.jsonl", "latest_universal", "*_universal"))
@@ -231,10 +240,11 @@ def test_exact_resume_from_epoch_end_after_nan(setup, run_a_of, engine):
     run_a = run_a_of(engine)
     run = setup / f"runA_epoch-{engine}"
     copy_run(run_a, run)
+    (run / "latest").write_bytes(b"\xff\xfe\x00garbled")  # issue 26.7: crashed every restart (UnicodeDecodeError)
     r = ok(launch(2, [str(setup / "cfg.yaml"), *engine_args(setup, engine, 2),
                       "--train.precision=fp32", f"--logging.run_dir={run}", "--checkpoint.resume=epoch001"],
                   env_extra=NAN))
-    assert "resumed at step 8" in r.stdout
+    assert "resumed at step 8" in r.stdout and f"{run / 'latest'} was garbled (UnicodeDecodeError" in r.stdout
     a, b = _losses(run_a), _losses(run)
     assert sorted(b) == list(range(9, 17)) and all(a[s] == b[s] for s in b), (a, b)
     assert [x["step"] for x in read_metrics(run, "nonfinite")] == [11]
@@ -358,6 +368,63 @@ def test_ds_config_world_size_mismatch_is_one_clear_error(setup):
     assert "ds_configs/zero2_1gpu.json does not fit 2 process(es)" in r.stdout
     assert "use " in r.stdout and "zero2_2gpu.json" in r.stdout
     assert "Traceback" not in r.stdout
+
+
+@BOTH  # (34-44 s each here; the mechanisms differ: DeepSpeed's runner watched, torchrun's death signal)
+def test_launcher_run_directly_dies_and_the_ranks_stop_with_a_checkpoint(setup, tmp_path, engine):
+    """Issue 26.9: `deepspeed --num_gpus 2 -m mmcoconut.train ...` run directly and its runner SIGTERMed: the runner
+    dies alone (no handler), and its per-node launcher and the ranks used to train on as orphans. The ranks must
+    notice (launcher_watch.py), stop at a step boundary, save a complete checkpoint and exit 75; nothing is left.
+    FSDP2: torchrun SIGKILLed (a SIGTERM it forwards itself), the ranks get their parent's death signal."""
+    from mmcoconut.train.checkpoint.index import check_complete
+
+    run, pause, codes = setup / f"runR-{engine}", setup / f"pauseR-{engine}", tmp_path / "codes"
+    pause.touch()
+    codes.mkdir()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               MMCOCONUT_EXIT_CODE_DIR=str(codes), MMCOCONUT_TEST_FAULTS=f"pause_at_step=2;pause_file={pause}")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/mmcoconut/torch_extensions"))
+    launcher = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"] if engine == "fsdp2" \
+        else [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module"]
+    cmd = [*launcher, "mmcoconut.train", str(setup / "cfg.yaml"), *engine_args(setup, engine, 2),
+           "--train.precision=fp32", "--train.num_epochs=1", "--checkpoint.save_every_steps=0",
+           f"--logging.run_dir={run}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    tree = []
+    try:
+        deadline = time.time() + TIMEOUT
+        while not all(Path(f"{pause}.reached.{r}").exists() for r in (0, 1)):
+            assert p.poll() is None and time.time() < deadline, p.communicate()[0][-4000:] if p.poll() else "slow"
+            time.sleep(0.5)
+        tree = process_tree(p.pid)  # DeepSpeed: runner, per-node launcher, 2 ranks; torchrun, 2 ranks
+        p.send_signal(signal.SIGKILL if engine == "fsdp2" else signal.SIGTERM)  # the top process only
+        p.wait(timeout=30)
+        time.sleep(3)  # the ranks check their launch once a second (paused, they are idle meanwhile)
+        pause.unlink()
+        out, _ = p.communicate(timeout=300)  # EOF: every process that shares the runner's stdout has exited
+    finally:
+        for pid in process_tree(p.pid) + tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    left = [pid for pid in tree if _running(pid)]
+    for _ in range(20):  # DeepSpeed's per-node launcher exits (with the ranks' 75) after its 1 s poll of them
+        left = [pid for pid in left if _running(pid)]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert len(tree) >= 3 and not left, (tree, left, out[-3000:])
+    assert sorted(x.read_text().strip() for x in codes.iterdir()) == ["75", "75"], out[-4000:]
+    who = f"DeepSpeed's runner (pid {p.pid})" if engine == "deepspeed" else f"the launcher (pid {p.pid})"
+    gone = f"{who} is gone"
+    assert f"train: {gone} (pid " in out, out[-4000:]  # a rank noticed (rank 0 may learn it from the step's collective)
+    stopped = re.findall(rf"train: stopped at step (\d+) \(epoch 0\): ({re.escape(gone)}|a stop signal reached another "
+                         "rank). Checkpoint", out)
+    assert stopped, out[-4000:]
+    tag = f"step{int(stopped[0][0]):08d}"
+    assert json.loads((run / "checkpoints.json").read_text())[-1] == tag and check_complete(run, tag) is None
 
 
 @BOTH_FSDP2_SLOW

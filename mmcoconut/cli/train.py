@@ -83,8 +83,11 @@ def _main(argv: list[str]) -> int:
         return 0
     from mmcoconut.train.signals import stop_request
 
-    stop_request()  # first: a stop signal during startup is honoured at the first step boundary (signals.py)
+    stop = stop_request()  # first: a stop signal during startup is honoured at the first step boundary (signals.py)
     single = single_process_env(argv)
+    if not single:  # under a launcher: its death stops this rank like a signal (launcher_watch.py)
+        from mmcoconut.train.launcher_watch import LauncherWatch
+        LauncherWatch(stop).start()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         config, ds_path, overrides = parse_args(argv)

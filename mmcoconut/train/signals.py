@@ -7,6 +7,7 @@ sees the request at the same optimizer-step boundary, saves a checkpoint and exi
 Launchers forward one request as several signals within milliseconds (a terminal's Ctrl-C reaches every
 process of the foreground group, DeepSpeed's launcher then SIGTERMs its children, pdsh sends SIGINT then
 SIGTERM), so signals within DEDUP_S (3 s; env MMCOCONUT_SIGNAL_DEDUP_S) of the first one count as the same request.
+A rank whose launcher died gets a SIGTERM from the kernel (launcher_watch.py): a stop request, never a second signal.
 
 A second signal must work even while the main thread is blocked in C (a collective whose peer died, a long
 write), where Python signal handlers do not run. So the handler is a no-op and the work is done by a watcher
@@ -52,6 +53,9 @@ class StopRequest:
         self.signum: Optional[int] = None  # the first stop signal
         self.first_at: Optional[float] = None
         self.last_checkpoint: Optional[str] = None  # named in the message of an immediate exit
+        self.reason: Optional[str] = None  # a stop that is no signal (request())
+        self.launcher_pid: Optional[int] = None  # set by launcher_watch.py
+        self._death_at: Optional[float] = None  # when the launcher's death signal came
         self._installed, self._old = False, {}
         self._rfd = self._wfd = -1
 
@@ -62,6 +66,17 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def why(self) -> str:
+        return self.reason or f"{self.name} received"
+
+    def request(self, reason: str) -> None:
+        """A stop request that is no signal (the launcher died: launcher_watch.py): a first request or nothing."""
+        if self.signum is None:
+            self.signum, self.first_at, self.reason = signal.SIGTERM, time.monotonic(), reason
+            _say(f"{self.label}: {reason} (pid {os.getpid()}): finishing the optimizer step, saving a checkpoint, "
+                 f"then exiting with code {EXIT_STOPPED}")
 
     def install(self) -> "StopRequest":
         if self._installed:
@@ -97,6 +112,8 @@ class StopRequest:
     def on_signal(self, signum: int, now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now
         name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self._launcher_died(now):  # its death signal: never a second signal
+            return self.request(f"the launcher (pid {self.launcher_pid}) is gone")
         if self.signum is None:
             self.signum, self.first_at = signum, now
             _say(f"{self.label}: {name} received (pid {os.getpid()}): finishing the optimizer step, saving a "
@@ -109,6 +126,22 @@ class StopRequest:
             _say(f"{self.label}: second stop signal ({name}): exiting now without saving{last}")
             record_exit_code(128 + signum)
             os._exit(128 + signum)
+
+
+    def _launcher_died(self, now: float) -> bool:
+        """Whether a SIGTERM is the launcher's death signal (launcher_watch.py). A multi-threaded parent (torchrun)
+        sends it once per exiting thread, the first before this process is reparented: wait a little for that."""
+        if self.launcher_pid is None:
+            return False
+        if self._death_at is not None:
+            return now - self._death_at < self.dedup_s
+        deadline = time.monotonic() + 0.5
+        while os.getppid() == self.launcher_pid:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        self._death_at = now
+        return True
 
 
 class Stopped(Exception):

@@ -243,7 +243,7 @@ class Trainer:
 
     def _stopped_message(self) -> str:
         stop, state = self.stop, self.state
-        why = f"{stop.name} received" if stop.requested else "a stop signal reached another rank"
+        why = stop.why if stop.requested else "a stop signal reached another rank"
         return (f"stopped at step {state.step} (epoch {state.epoch}): {why}. Checkpoint {stop.last_checkpoint} is "
                 f"saved; run the same command again to resume from it (checkpoint.resume=auto). Exit code "
                 f"{EXIT_STOPPED} means: stopped by a signal after saving, resumable.")

@@ -5,9 +5,11 @@
   its size, so a truncated or missing file makes the tag incomplete.
 - `<run_dir>/checkpoints.json` (INDEX): the complete tags, oldest first, also written via temp file + rename.
 
-At start (rank 0, under the run-dir lock) `recover()` removes partial tag dirs (a save or a prune that was killed),
-rebuilds an unreadable or stale index from the complete tag dirs with a warning, points DeepSpeed's `latest` at
-the newest complete tag, and clears leftover temp files.
+Which checkpoints exist and which is the newest is decided by the tag dirs and their META alone (by step, then save
+time); the index is compared with them and rewritten when it disagrees (torn, not a list of tags, out of order), with
+a warning. At start (rank 0, under the run-dir lock) `recover()` removes partial tag dirs (a save or a prune that was
+killed), rewrites such an index, points DeepSpeed's `latest` at the newest complete tag (a garbled `latest` is
+rewritten) and clears leftover temp files. Nothing it reads can make it raise: an unreadable file counts as absent.
 Pruning removes a tag's META first, so a killed prune never leaves a half-deleted dir that looks complete.
 """
 from __future__ import annotations
@@ -70,8 +72,27 @@ def write_meta(tag_dir, meta: dict) -> None:
     atomic_write(Path(tag_dir) / META, json.dumps(dict(meta, files=file_sizes(tag_dir)), indent=1))
 
 
+def _load_json(path):
+    """The JSON in `path`; ValueError for anything that is not JSON (invalid UTF-8, torn, absurdly nested)."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
+
+
 def read_meta(run_dir, tag: str) -> dict:
-    return json.loads((Path(run_dir) / tag / META).read_text())
+    """The tag's META; ValueError when it is not an object of the shape write_meta() writes."""
+    meta = _load_json(Path(run_dir) / tag / META)
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    files = meta.setdefault("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and type(v) is int for k, v in files.items()):
+        raise ValueError("'files' is not a map of file names to sizes")
+    if type(meta.get("step")) is not int or type(meta.get("world_size", 1)) is not int:
+        raise ValueError("no integer 'step', or 'world_size' is not an integer")
+    if not isinstance(meta.get("saved_at", 0.0), (int, float)) or not isinstance(meta.get("engine", ""), str):
+        raise ValueError("'saved_at' is not a number or 'engine' not a string")
+    return meta
 
 
 def check_complete(run_dir, tag: str) -> Optional[str]:
@@ -83,10 +104,10 @@ def check_complete(run_dir, tag: str) -> Optional[str]:
         return f"no {META} (the save did not finish)"
     except (OSError, ValueError) as e:
         return f"unreadable {META}: {e}"
-    for name, size in (meta.get("files") or {}).items():
+    for name, size in meta["files"].items():
         try:
             actual = (d / name).stat().st_size
-        except OSError:
+        except (OSError, ValueError):
             return f"file {name} is missing"
         if actual != size:
             return f"file {name} has {actual} bytes, {size} were written"
@@ -95,7 +116,7 @@ def check_complete(run_dir, tag: str) -> Optional[str]:
 
 def _order_key(run_dir, tag: str):
     m = read_meta(run_dir, tag)
-    return (m.get("step", 0), m.get("saved_at", 0.0), bool(m.get("epoch_done")), tag)
+    return (m["step"], float(m.get("saved_at", 0.0)), bool(m.get("epoch_done")), tag)
 
 
 def complete_tags(run_dir) -> list[str]:
@@ -103,20 +124,24 @@ def complete_tags(run_dir) -> list[str]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    tags = [p.name for p in run_dir.iterdir() if p.is_dir() and (p / META).is_file() and
-            not p.name.endswith(UNIVERSAL_SUFFIX) and check_complete(run_dir, p.name) is None]
+    try:
+        names = [p.name for p in run_dir.iterdir() if not p.name.endswith(UNIVERSAL_SUFFIX)]
+    except OSError:
+        return []
+    tags = [t for t in names if os.path.isfile(run_dir / t / META) and check_complete(run_dir, t) is None]
     return sorted(tags, key=lambda t: _order_key(run_dir, t))
 
 
 # ---------------------------------------------------------------- INDEX (per run)
 def read_index(run_dir) -> Optional[list[str]]:
-    """The index as written, or None when missing / torn / not a list of tags."""
-    p = Path(run_dir) / INDEX
+    """The index as written, or None when missing / torn / not a list of tag names."""
     try:
-        tags = json.loads(p.read_text())
+        tags = _load_json(Path(run_dir) / INDEX)
     except (OSError, ValueError):
         return None
-    return tags if isinstance(tags, list) and all(isinstance(t, str) for t in tags) else None
+    ok = isinstance(tags, list) and all(isinstance(t, str) and t and "/" not in t and t not in (".", "..")
+                                        for t in tags)
+    return tags if ok else None
 
 
 def write_index(run_dir, tags: list[str]) -> None:
@@ -124,27 +149,29 @@ def write_index(run_dir, tags: list[str]) -> None:
 
 
 def list_tags(run_dir, warn: bool = True) -> list[str]:
-    """Complete checkpoints of a run, oldest first: the index order, checked against the tag dirs. Read-only;
-    a torn or stale index is reconstructed from the complete tag dirs (with a warning), `recover()` rewrites it."""
+    """Complete checkpoints of a run, oldest first by (step, save time), from the tag dirs and their META. Read-only:
+    the index is only compared, and a missing, torn, stale or out-of-order one gets a warning (`recover()`
+    rewrites it); it never decides which checkpoint is the newest."""
     run_dir = Path(run_dir)
+    found = complete_tags(run_dir)
+    if not warn:
+        return found
     idx = read_index(run_dir)
-    if idx is None and not (run_dir / INDEX).exists():
-        found = complete_tags(run_dir)
-        if found and warn:
+    if idx is None and not os.path.lexists(run_dir / INDEX):
+        if found:
             _warn(f"{run_dir}: no {INDEX}, but complete checkpoints {found}: using them")
-        return found
-    if idx is None:
-        found = complete_tags(run_dir)
-        if warn:
-            _warn(f"{run_dir / INDEX} is unreadable (torn write?): rebuilt from the complete checkpoint dirs: {found}")
-        return found
-    ok = [t for t in idx if check_complete(run_dir, t) is None]
-    extra = [t for t in complete_tags(run_dir) if t not in ok and t not in idx]
-    if extra:  # complete, but the process died before recording it (or after pruning started)
-        if warn:
+    elif idx is None:
+        _warn(f"{run_dir / INDEX} is unreadable (torn write?) or not a list of checkpoint tags: rebuilt from the "
+              f"complete checkpoint dirs: {found}")
+    else:
+        extra = [t for t in found if t not in idx]
+        if extra:  # complete, but the process died before recording it (or after pruning started)
             _warn(f"{run_dir}: complete checkpoint(s) {extra} missing from {INDEX}: adopting them")
-        ok = sorted(ok + extra, key=lambda t: _order_key(run_dir, t))
-    return ok
+        listed = [t for t in idx if t in found]
+        if listed != [t for t in found if t in listed]:
+            _warn(f"{run_dir / INDEX} lists the checkpoints in another order than their steps ({listed}): using "
+                  f"the step order, newest {found[-1]}")
+    return found
 
 
 def recover(run_dir) -> list[str]:
@@ -171,13 +198,29 @@ def recover(run_dir) -> list[str]:
 
 
 def fix_latest(run_dir, tags: list[str]) -> None:
-    """DeepSpeed's `latest` (export tools read it) must never name a removed partial tag."""
+    """DeepSpeed's `latest` (export tools read it) must never name a removed partial tag; a garbled or unreadable
+    one is rewritten (or removed when there is no checkpoint) with a warning. Never raises."""
     latest = Path(run_dir) / "latest"
-    if latest.is_file() and latest.read_text().strip() not in tags:
-        if tags:
-            atomic_write(latest, tags[-1])
-        else:
-            latest.unlink()
+    garbled = None
+    try:
+        if not latest.is_file():
+            return
+        name = latest.read_bytes().decode("utf-8").strip()
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:  # unreadable, invalid UTF-8
+        name, garbled = None, f"{type(e).__name__}: {e}"[:200]
+    if name in tags:
+        return
+    if garbled is None and not TAG_RE.match(name):  # (a tag name: a save that was killed, the usual case)
+        garbled = f"it names {name[:60]!r}, not a checkpoint tag"
+    try:
+        atomic_write(latest, tags[-1]) if tags else latest.unlink()
+    except OSError as e:
+        _warn(f"could not repair {latest} ({e}); training does not read it, export tools do")
+        return
+    if garbled:
+        _warn(f"{latest} was garbled ({garbled}): " + (f"now names {tags[-1]}" if tags else "removed"))
 
 
 def prune(run_dir, tags: list[str], keep: int) -> list[str]:

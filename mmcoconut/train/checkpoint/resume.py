@@ -85,16 +85,16 @@ def find_resume(cfg, world: int, zero_stage: Optional[int] = None, micro: Option
             raise ConfigError(f"checkpoint.resume={r!r}: universal checkpoints are DeepSpeed's; FSDP2 checkpoints "
                               "load on any number of ranks as they are")
         return ResumePoint(tag, False, meta, _check_drift(cfg, run_dir, tag, meta, micro, world))
-    stages = {meta["zero_stage"], zero_stage}
+    stages = {meta.get("zero_stage"), zero_stage}
     if 3 in stages and len(stages) > 1:
-        raise ConfigError(f"checkpoint {run_dir / tag} was saved with ZeRO-{meta['zero_stage']}; it cannot be "
+        raise ConfigError(f"checkpoint {run_dir / tag} was saved with ZeRO-{meta.get('zero_stage')}; it cannot be "
                           f"resumed with ZeRO-{zero_stage} (DeepSpeed's universal checkpoints do not convert "
                           "between ZeRO-3 and ZeRO-1/2). Use a ds_config of the same stage.")
-    if meta["world_size"] != world or want_universal:
+    if meta.get("world_size") != world or want_universal:
         conv = run_dir / (tag + UNIVERSAL_SUFFIX)
         if not (conv / "zero").is_dir():
             raise ConfigError(
-                f"checkpoint {run_dir / tag} was saved by {meta['world_size']} process(es), this run has {world}: "
+                f"checkpoint {run_dir / tag} was saved by {meta.get('world_size')} process(es), this run has {world}: "
                 f"convert it once with `python -m mmcoconut.cli.universal {run_dir} --tag {tag}`, then run "
                 "again (it is picked up automatically)")
         return ResumePoint(tag, True, meta, _check_drift(cfg, run_dir, tag, meta, None, world))
