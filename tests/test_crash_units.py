@@ -375,3 +375,23 @@ def test_wandb_run_id_kept_for_resume(monkeypatch, tmp_path):
     fresh.close()
     # both sessions logged under run_id (one dir, or two when they started in different seconds)
     assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_export_finds_the_newest_checkpoint_when_latest_is_garbled(tmp_path, capsys):
+    """mmcoconut-export/eval/ask read a run's `latest` before any start has repaired it: garbled bytes or a tag that
+    is gone mean the newest complete checkpoint by step (the trainer's rule), with a warning, not a crash."""
+    from mmcoconut.export.ds_checkpoint import find_checkpoint
+
+    run = tmp_path / "run"
+    _tag(run, "step00000006", 6)
+    _tag(run, "step00000003", 3)
+    (run / "latest").write_text("step00000003")
+    assert find_checkpoint(run) == (run, "step00000003")  # a readable latest is followed
+    for garbage in (b"\xff\xfe\x9c", b"step00000099", b"../step00000003"):
+        (run / "latest").write_bytes(garbage)
+        assert find_checkpoint(run) == (run, "step00000006")
+        assert "using the newest complete one, step00000006" in capsys.readouterr().out
+    for t in ("step00000006", "step00000003"):
+        shutil.rmtree(run / t)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint is there"):
+        find_checkpoint(run)

@@ -21,6 +21,26 @@ def _has_model_states(d: Path) -> bool:
     return bool(glob.glob(str(d / "*model_states.pt"))) or is_dcp_checkpoint(d)
 
 
+def _latest_tag(root: Path) -> str:
+    """The tag `latest` names; when it is garbled or names no tag dir (the trainer does not resume from it either),
+    the newest complete checkpoint by step, with a warning."""
+    from mmcoconut.train.checkpoint.index import complete_tags  # the trainer's rule (resume: newest by step)
+
+    try:
+        t = (root / "latest").read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        t = None
+    if t and "/" not in t and (root / t).is_dir():
+        return t
+    tags = complete_tags(root)
+    if not tags:
+        raise FileNotFoundError(f"checkpoint {root}: 'latest' names {t!r}, which does not exist, and no complete "
+                                "checkpoint is there")
+    print(f"warning: {root}/latest is garbled or names no checkpoint ({t!r}): using the newest complete one, "
+          f"{tags[-1]}", flush=True)
+    return tags[-1]
+
+
 def find_checkpoint(path, tag: Optional[str] = None) -> tuple[Path, str]:
     """(checkpoint root holding `latest`/tag dirs, tag) for a root dir, a tag dir or a run dir above the root."""
     p = Path(path)
@@ -33,10 +53,7 @@ def find_checkpoint(path, tag: Optional[str] = None) -> tuple[Path, str]:
     if _has_model_states(p):
         return p.parent, p.name
     if (p / "latest").is_file():
-        t = (p / "latest").read_text().strip()
-        if not (p / t).is_dir():
-            raise FileNotFoundError(f"checkpoint {p}: 'latest' names {t!r}, which does not exist")
-        return p, t
+        return p, _latest_tag(p)
     roots = sorted({Path(f).parent for f in glob.glob(str(p / "**" / "latest"), recursive=True)})
     if len(roots) == 1:
         return find_checkpoint(roots[0])
