@@ -478,8 +478,8 @@ def test_sigterm_to_launch_sh_checkpoints_and_resumes_exactly_second_run_refused
     _same_losses(_losses(run_a), _losses(run), range(1, 17))  # the stopped part and the resumed part
 
 
-
-@BOTH
+# (80-90 s each here; FSDP2's is torchrun's own --nnodes rendezvous, DeepSpeed's the hostfile + --no_ssh path: slow)
+@BOTH_FSDP2_SLOW
 def test_two_nodes_stop_by_a_signal_on_one_and_resume_exactly(setup, run_a_of, engine):
     """Two "nodes" on this machine over loopback, one rank each, each started by launch.sh as a user would on its
     node (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT; DeepSpeed: HOSTFILE, its launcher with --no_ssh; FSDP2:
