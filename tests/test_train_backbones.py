@@ -7,20 +7,15 @@ import shutil
 import pytest
 import yaml
 
-from test_train_ds import ROOT, _losses, launch, ok
+from test_train_ds import ROOT, _losses, launch, ok, synthetic_shards
 
 pytestmark = pytest.mark.multiproc
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, family_dirs):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
-    ms = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ms)
     d = tmp_path_factory.mktemp("train_llama")
-    assert ms.main(["--synthetic", "32", "--seed", "0", "--out", str(d / "shards"), "--maxcount", "8",
-                    "--image-size", "32", "--workers", "1", "--no-progress"]) == 0
+    synthetic_shards(d / "shards", 32, seed=0, maxcount=8)
     dirs = family_dirs("llama")
     cfg = {"model": {"lm_id": dirs["lm"], "vision_id": dirs["vision"], "image_tokens": "patches", "vision_layer": -1,
                      "new_token_init": "", "max_length": 256},

@@ -69,18 +69,22 @@ def ok(r):
     return r
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_dirs):
-    """Shards (64 train in 4 shards, 16 val), a run config, and test ds_configs with global batch 8."""
+def synthetic_shards(out, n: int, seed: int, maxcount: int, split: str = "train") -> None:
+    """Synthetic shards through tools/make_shards.py (the documented script): 32 px images, one worker."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
     ms = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ms)
+    assert ms.main(["--synthetic", str(n), "--seed", str(seed), "--split", split, "--out", str(out), "--maxcount",
+                    str(maxcount), "--image-size", "32", "--workers", "1", "--no-progress"]) == 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_dirs):
+    """Shards (64 train in 4 shards, 16 val), a run config, and test ds_configs with global batch 8."""
     d = tmp_path_factory.mktemp("train")
-    common = ["--image-size", "32", "--workers", "1", "--no-progress"]
-    assert ms.main(["--synthetic", "64", "--seed", "0", "--out", str(d / "shards"), "--maxcount", "16", *common]) == 0
-    assert ms.main(["--synthetic", "16", "--seed", "1", "--split", "val", "--out", str(d / "val"), "--maxcount", "8",
-                    *common]) == 0
+    synthetic_shards(d / "shards", 64, seed=0, maxcount=16)
+    synthetic_shards(d / "val", 16, seed=1, maxcount=8, split="val")
     cfg = {"model": {"lm_id": tiny_dirs["lm"], "vision_id": tiny_dirs["vision"], "image_tokens": "patches",
                      "vision_layer": -1, "freeze_vision": True, "new_token_init": "", "max_length": 256},
            "data": {"train_shards": str(d / "shards"), "val_shards": str(d / "val"), "num_workers": 0,
