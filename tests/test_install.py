@@ -13,7 +13,7 @@ import check_scripts  # noqa: E402
 import lock_constraints  # noqa: E402
 
 
-def test_every_pyproject_script_is_checked_and_a_broken_one_is_reported(tmp_path):
+def test_every_pyproject_script_is_checked_and_a_broken_one_is_reported(tmp_path, monkeypatch):
     assert check_scripts.console_scripts() == sorted(
         ["mmcoconut-train", "mmcoconut-eval", "mmcoconut-shard", "mmcoconut-export", "mmcoconut-ask",
          "mmcoconut-predict"])
@@ -24,6 +24,8 @@ def test_every_pyproject_script_is_checked_and_a_broken_one_is_reported(tmp_path
     problems = check_scripts.run_all(tmp_path)
     assert len(problems) == 1 and problems[0].startswith("mmcoconut-shard --help: exit 1: ModuleNotFoundError")
     assert "No module named 'mmcoconut.tools'" in problems[0]
+    monkeypatch.chdir(tmp_path.parent)  # a relative bin dir, as .ci/run passes .venv/bin
+    assert check_scripts.run_all(Path(tmp_path.name)) == problems
 
 
 @pytest.mark.slow

@@ -114,6 +114,14 @@ def test_no_module_is_longer_than_a_reader_takes_in():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
+def test_every_package_dir_is_a_regular_package():
+    """find_packages (setup.py) ships only dirs with an __init__.py: a dir of modules without one works from the
+    checkout (namespace package) and is missing from the wheel."""
+    bare = sorted(str(d.relative_to(ROOT)) for d in [PKG, *PKG.rglob("*")]
+                  if d.is_dir() and any(d.glob("*.py")) and not (d / "__init__.py").is_file())
+    assert not bare, f"package dirs without __init__.py (not in the wheel): {bare}"
+
+
 def test_console_scripts_live_in_cli():
     """Every console script of pyproject.toml points into mmcoconut/cli/, and every cli module has a main()."""
     import tomllib

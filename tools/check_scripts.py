@@ -50,6 +50,7 @@ def run_all(bin_dir: Path, timeout: float = 300) -> list[str]:
     """Problems (one line each) of running BIN_DIR/<script> --help for every console script."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("DS_ACCELERATOR", "cpu")
+    bin_dir = Path(bin_dir).absolute()  # the scripts run from a scratch dir (.ci/run passes .venv/bin)
     problems = []
     with tempfile.TemporaryDirectory() as cwd:
         for name in console_scripts():
