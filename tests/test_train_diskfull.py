@@ -37,7 +37,7 @@ CHECK = ("from mmcoconut.train.checkpoint.index import list_tags, check_complete
 
 
 @pytest.mark.skipif(not _tmpfs_in_namespace(), reason="needs `unshare -rm` and a tmpfs mount in it")
-@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+@pytest.mark.parametrize("engine", ["deepspeed", pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_disk_full_is_one_clear_error_and_the_previous_checkpoint_resumes(setup, engine):  # noqa: F811
     run = setup / f"runFull-{engine}"
     run.mkdir()

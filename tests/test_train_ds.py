@@ -221,7 +221,7 @@ def test_trains_checkpoints_validates(run_a_of, engine):
                                                                                  rel=1e-5)
 
 
-@BOTH
+@BOTH_FSDP2_SLOW
 def test_exact_resume_mid_epoch(setup, run_a_of, engine):
     """Resume A's step-6 checkpoint (mid-epoch 0, after a skipped NaN window) in a fresh 2-rank run: steps 7..16
     (another NaN window at 11) repeat A's losses bitwise. A harmless config change passes with a note."""
@@ -268,7 +268,7 @@ def test_config_drift_refused_before_any_model_is_built(setup, run_a_of, engine)
     assert (run / "config.yaml").read_text() == (run_a / "config.yaml").read_text()  # untouched
 
 
-@BOTH
+@BOTH_FSDP2_SLOW
 def test_elastic_resume_2_to_1(setup, run_a_of, engine):
     """A's last checkpoint (2 ranks) -> 1 rank (same global batch, accumulation 4), one more epoch: DeepSpeed through
     its universal copy (converted first), FSDP2's DCP checkpoint resharded on load."""
@@ -365,6 +365,7 @@ def test_sigkill_mid_run_then_exact_resume(setup, run_a_of, engine):
     assert sorted(b) == list(range(1, 17)) and all(a[s] == b[s] for s in b), (a, b)
 
 
+@pytest.mark.slow  # a 2-rank launch for one error line (28 s); the resolver's unit tests cover the message
 def test_ds_config_world_size_mismatch_is_one_clear_error(setup):
     r = launch(2, [str(setup / "cfg.yaml"), "--deepspeed", "ds_configs/zero2_1gpu.json",
                    f"--logging.run_dir={setup / 'runX'}"], timeout=120)
@@ -374,7 +375,7 @@ def test_ds_config_world_size_mismatch_is_one_clear_error(setup):
     assert "Traceback" not in r.stdout
 
 
-@BOTH  # (34-44 s each here; the mechanisms differ: DeepSpeed's runner watched, torchrun's death signal)
+@BOTH_FSDP2_SLOW  # (34-44 s each here; DeepSpeed's runner watched by a thread, torchrun's death signal: slow)
 def test_launcher_run_directly_dies_and_the_ranks_stop_with_a_checkpoint(setup, tmp_path, engine):
     """Issue 26.9: `deepspeed --num_gpus 2 -m mmcoconut.train ...` run directly and its runner SIGTERMed: the runner
     dies alone (no handler), and its per-node launcher and the ranks used to train on as orphans. The ranks must
@@ -482,8 +483,8 @@ def test_sigterm_to_launch_sh_checkpoints_and_resumes_exactly_second_run_refused
     _same_losses(_losses(run_a), _losses(run), range(1, 17))  # the stopped part and the resumed part
 
 
-# (80-90 s each here; FSDP2's is torchrun's own --nnodes rendezvous, DeepSpeed's the hostfile + --no_ssh path: slow)
-@BOTH_FSDP2_SLOW
+@pytest.mark.slow  # both engines (85-90 s each): make test-all
+@BOTH
 def test_two_nodes_stop_by_a_signal_on_one_and_resume_exactly(setup, run_a_of, engine):
     """Two "nodes" on this machine over loopback, one rank each, each started by launch.sh as a user would on its
     node (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT; DeepSpeed: HOSTFILE, its launcher with --no_ssh; FSDP2:
