@@ -196,7 +196,8 @@ def export_engine(engine, cfg, state, tokenizer, image_processor, out_dir=None) 
     from mmcoconut.modeling import MMCoconutForConditionalGeneration
 
     config = hf_config(engine.module, cfg)
-    hf = MMCoconutForConditionalGeneration(config)  # fresh CPU copy in fp32, then the trained weights
+    with engine.building_whole():  # (a ZeRO-3 engine would have transformers build it partitioned)
+        hf = MMCoconutForConditionalGeneration(config)  # fresh CPU copy in fp32, then the trained weights
     missing, unexpected = hf.model.load_state_dict(sd, strict=False)
     if [k for k in missing if k not in TIED] or unexpected:
         raise RuntimeError(f"export: engine weights do not match the model (missing {missing[:5]}, "

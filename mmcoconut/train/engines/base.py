@@ -128,6 +128,11 @@ class Engine(ABC):
     def full_state_dict(self) -> Optional[dict]:
         """fp32 weights of the whole model on rank 0 (None elsewhere); every rank calls it."""
 
+    def building_whole(self):
+        """A context in which new modules are built whole on the host (the export's fresh model), whatever the
+        engine arranged for its own model's construction."""
+        return contextlib.nullcontext()
+
     @property
     def generation_ok(self) -> bool:
         """Whether validation may generate (MC/DA accuracy) with this engine."""

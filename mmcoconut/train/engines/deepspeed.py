@@ -23,6 +23,8 @@ tests/test_nonfinite_skip.py proves every combination.
 """
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Optional
 
@@ -159,6 +161,9 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"DeepSpeed could not load checkpoint {run_dir / tag}")
         return client
 
+    def building_whole(self):
+        return _hf_zero3_suspended(self._hf_zero3) if self._hf_zero3 is not None else contextlib.nullcontext()
+
     def full_state_dict(self) -> Optional[dict]:
         """Trainable parameters: DeepSpeed's fp32 master copy (safe_get_full_fp32_param; ZeRO-1/2/3 and bf16).
         Others (frozen, or ZeRO-0 without master copies): the module parameter, gathered under ZeRO-3, in fp32."""
@@ -181,6 +186,18 @@ class DeepSpeedEngine(Engine):
             if name in persistent and rank0:
                 out[name] = b.detach().cpu().clone()
         return out if rank0 else None
+
+
+@contextlib.contextmanager
+def _hf_zero3_suspended(hf_config):
+    """transformers builds partitioned (ZeRO-3) modules while an HfDeepSpeedConfig is alive: unset it meanwhile."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
 
 
 def hf_zero3_context(ds_config: dict):
