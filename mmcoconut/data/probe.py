@@ -73,7 +73,7 @@ class _QuietSkips(SkipCounter):
     training data is skipped: the training stream reads it again, with its retries)."""
 
     def skip(self, reason: str, msg: str, n: int = 1) -> None:
-        self.last = f"{reason}: {msg}"
+        pass
 
 
 def probe_shards(urls: list[str], data_cfg, need_steps: bool) -> Probe:

@@ -26,7 +26,8 @@ cat(history[:a], new) = the full sequence, once. SDPA gets ``enable_gqa`` only w
 """
 from __future__ import annotations
 
-import importlib
+import sys
+
 from typing import Optional
 
 import torch
@@ -149,7 +150,7 @@ def _make_attention(base_name: str):
         from transformers import AttentionInterface
 
         if base_name == "eager":  # the family's own eager attention (GQA handled there)
-            base = importlib.import_module(type(module).__module__).eager_attention_forward
+            base = sys.modules[type(module).__module__].eager_attention_forward  # (imported: its class exists)
         else:
             base = AttentionInterface._global_mapping[base_name]
         return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .families import lm_family, vision_model_class
+from .families import vision_model_class
 from .latent import MMCoconut
 from .projector import build_projector
 from .tokens import SpecialIds
@@ -52,7 +52,6 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel):
         if not wrapped:
             if config.special_ids is None:
                 raise ValueError("MMCoconutConfig.special_ids is not set (build the config from a trained model)")
-            lm_family(config.text_config, "MMCoconutConfig.text_config")
             lm = AutoModelForCausalLM.from_config(config.text_config)
             vision = vision_model_class(config.vision_config)(config.vision_config)
             if config.freeze_vision:

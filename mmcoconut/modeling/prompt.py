@@ -37,12 +37,8 @@ def format_question(question: str, choices: Optional[Sequence[str]], choices_in_
     return base + suffix if choices_in_question else base
 
 
-def question_text(question: str, choices: Optional[Sequence[str]] = None) -> str:
-    """The question line as trained: the question, its enumerated choices (unless already there), a newline."""
-    if choices:
-        suffix = choices_suffix(choices)
-        if not question.endswith(suffix):
-            question = question + suffix
+def question_text(question: str) -> str:
+    """The question line as trained: the question (in its trained format: format_question), a newline."""
     return question + "\n"
 
 

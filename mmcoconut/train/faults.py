@@ -66,9 +66,6 @@ class Faults:
         """Whether optimizer step `step` (1-based) gets an injected overflow."""
         return step in self.overflow_steps
 
-    def stop_now(self, step: int) -> bool:
-        return bool(self.stop_after_steps) and step >= self.stop_after_steps
-
     def pause(self, step: int, rank: int) -> None:
         if not (self.pause_at_step and self.pause_file and step == self.pause_at_step):
             return
