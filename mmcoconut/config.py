@@ -274,8 +274,11 @@ def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
         raise ConfigError(str(e)) from None
     # a seed config: what it leaves out has the seed's meaning; cfg.seed_keys / cfg.notes are read by the trainer
     cfg.seed_keys = getattr(cfg, "seed_keys", set()) | set(seed_form_keys(data, _FLAT))
-    later, notes = seed_defaults(data, _FLAT, where) if where != "command line" else ([], [])
+    defaults, notes = seed_defaults(data, _FLAT, where) if where != "command line" else ([], [])
     cfg.notes = getattr(cfg, "notes", []) + notes
+    for key, value in defaults:  # first: any key the config spells out wins over what it leaves to the default
+        _set(cfg, key, value, where)
+    later = []
     for key, value in data.items():
         if key in FIELDS and isinstance(value, dict):
             for sub, v in value.items():
@@ -287,9 +290,6 @@ def _apply_mapping(cfg: Config, data: dict, where: str) -> None:
         else:
             _set(cfg, str(key), value, where)
     for key, value in later:
-        if not is_translated(key):  # a seed default (seed_defaults)
-            _set(cfg, key, value, where)
-            continue
         try:
             pairs = translate(key, value, f"{where}: {key}")
         except SeedValueError as e:

@@ -302,3 +302,13 @@ def test_frozen_tower_runs_in_half_precision_on_cuda(family_dirs, arch):
     assert {p.dtype for p in model.vision.parameters()} == {torch.float16}
     assert {p.dtype for p in model.lm.parameters()} | {p.dtype for p in model.projector.parameters()} == \
         {torch.float32}
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fsdp2_shards_the_decoder_blocks_of_every_family(family_mm, arch):
+    """FSDP2 wraps each decoder block (engines/fsdp.py): the blocks are found for every family, not GPT-2's only."""
+    from mmcoconut.train.engines.fsdp import _decoder_blocks
+    model, _ = family_mm(arch)
+    blocks = _decoder_blocks(model)
+    assert len(blocks) == model.lm.config.num_hidden_layers > 0
+    assert all(type(b).__name__.endswith(("Block", "DecoderLayer")) for b in blocks)

@@ -234,3 +234,13 @@ def test_compile_on_refuses_gradient_checkpointing_auto_does_not():
     with pytest.raises(ConfigError, match="train.compile=on and train.gradient_checkpointing"):
         load_config("demo", ["--train.compile=true", "--train.gradient_checkpointing=true"])
     assert load_config("demo", ["--train.gradient_checkpointing=true"]).train.compile == "auto"
+
+
+def test_a_seed_config_that_names_coconut_in_its_section_keeps_it(tmp_path):
+    """The seed's CoT-only default (no coconut/cot key) never overrides a curriculum.coconut the config spells out."""
+    p = tmp_path / "seed.yaml"
+    for spelled in ("curriculum:\n  coconut: true\n", "curriculum.coconut: true\n"):
+        p.write_text("batch_size_training: 4\n" + spelled)
+        assert load_config(str(p)).curriculum.coconut is True, spelled
+    p.write_text("batch_size_training: 4\n")
+    assert load_config(str(p)).curriculum.coconut is False

@@ -277,3 +277,19 @@ def test_two_ranks_seed_config_with_json_fail_fast_without_traceback(shards, tmp
     errors = [ln for ln in out.splitlines() if "error: data.train_shards=data/train.json: no such file" in ln]
     assert r.returncode != 0 and len(errors) == 2, out[-4000:]
     assert "Traceback" not in out, out[-4000:]
+
+
+def test_seed_json_cache_never_deletes_a_foreign_dir_and_names_a_torn_json(tmp_path):
+    """A `<stem>.shards` dir that mmcoconut did not make (no fingerprint) is refused, not replaced; a json that does
+    not parse is one error naming the key and the file."""
+    from mmcoconut.data.json_cache import shards_for_json
+    js = _seed_json(tmp_path)
+    (tmp_path / "train.shards").mkdir()
+    (tmp_path / "train.shards" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"data.train_shards=.*train.json: .*train.shards exists and is not "):
+        shards_for_json(js, "train", "data.train_shards")
+    assert (tmp_path / "train.shards" / "mine.txt").read_text() == "keep"
+    torn = tmp_path / "torn.json"
+    torn.write_text('[{"image": "a.png",,}]')
+    with pytest.raises(ValueError, match=r"data.val_shards=.*torn.json: not a valid json list of entries"):
+        shards_for_json(torn, "val", "data.val_shards")

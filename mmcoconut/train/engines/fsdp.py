@@ -240,8 +240,9 @@ class FSDP2Engine(Engine):
 
 
 def _decoder_blocks(model) -> list:
-    """The LM's decoder blocks (none for a model that is not an MMCoconut: then only the root is sharded)."""
-    return list(getattr(getattr(getattr(model, "lm", None), "transformer", None), "h", []))
+    """The LM's decoder blocks, any family (families.decoder_layers, kept by MMCoconut); none for a model that is not
+    an MMCoconut: then only the root is sharded."""
+    return list(getattr(model, "_decoder_layers", []))
 
 
 def _vision_layers(model) -> list:
